@@ -1,0 +1,128 @@
+"""The service's errors. Each carries the stable `code` clients see.
+
+    LedgerError
+    ├── InvalidRequest                      the request cannot be acted on (400)
+    │   └── InvalidCursor                   a pagination cursor the service did not issue
+    ├── UnsupportedMediaType                a body that is not JSON (415)
+    ├── NotFound                            a resource read by id does not exist (404)
+    │   ├── AccountNotFound
+    │   └── TransferNotFound
+    ├── Conflict                            an id is taken with other fields (409)
+    │   ├── AccountExistsWithDifferentFields
+    │   └── TransferExistsWithDifferentFields
+    ├── TransferRefused                     a transfer's recorded refusal (404/422), replayed forever
+    └── Unavailable                         try again later (503, with Retry-After)
+        ├── DatabaseUnavailable             the database cannot be reached
+        ├── LockTimeout                     an account stayed locked past lock_timeout
+        └── Overloaded                      pool exhausted, statement timeout, or retries spent
+
+The service raises these; `ledger.http.problems` maps them to HTTP statuses, in one place.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class LedgerError(Exception):
+    code: ClassVar[str] = "ledger_error"
+    title: ClassVar[str] = "Ledger error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidRequest(LedgerError):
+    code = "validation_error"
+    title = "The request is not valid"
+
+    def __init__(self, detail: str, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(detail)
+        self.errors = errors or []
+
+
+class InvalidCursor(InvalidRequest):
+    code = "invalid_cursor"
+    title = "The pagination cursor is not valid"
+
+
+class UnsupportedMediaType(LedgerError):
+    code = "unsupported_media_type"
+    title = "Request bodies must be application/json"
+
+
+class NotFound(LedgerError):
+    code = "not_found"
+    title = "Not found"
+
+
+class AccountNotFound(NotFound):
+    code = "account_not_found"
+    title = "Account not found"
+
+
+class TransferNotFound(NotFound):
+    code = "transfer_not_found"
+    title = "Transfer not found"
+
+
+class Conflict(LedgerError):
+    code = "conflict"
+    title = "Conflict"
+
+
+class AccountExistsWithDifferentFields(Conflict):
+    code = "account_exists_with_different_fields"
+    title = "An account with this id exists with different fields"
+
+
+class TransferExistsWithDifferentFields(Conflict):
+    code = "transfer_exists_with_different_fields"
+    title = "A transfer with this id exists with different fields"
+
+
+class TransferRefused(LedgerError):
+    """A transfer the ledger refused. Unlike other errors it is an outcome: it is recorded
+    under the transfer id and every later request with that id gets it back."""
+
+    # code -> (HTTP status, title). The codes are the contract's.
+    REASONS: ClassVar[dict[str, tuple[int, str]]] = {
+        "account_not_found": (404, "Account not found"),
+        "insufficient_funds": (422, "Insufficient funds"),
+        "currency_mismatch": (422, "Currency mismatch"),
+        "accounts_must_be_different": (422, "The debit and credit accounts must be different"),
+        # Not in the contract's list, added because a bigint total can really overflow:
+        # refusing is the only answer that neither wraps around nor fails with a 5xx.
+        "balance_overflow": (422, "An account total would exceed the largest amount"),
+    }
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown refusal reason {reason!r}")
+        super().__init__(detail)
+        self.reason = reason
+
+    @property
+    def status(self) -> int:
+        return self.REASONS[self.reason][0]
+
+
+class Unavailable(LedgerError):
+    code = "unavailable"
+    title = "Service unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    code = "unavailable"
+    title = "The database is unavailable"
+
+
+class LockTimeout(Unavailable):
+    code = "lock_timeout"
+    title = "An account is locked by another transaction"
+
+
+class Overloaded(Unavailable):
+    code = "overloaded"
+    title = "The service is overloaded"

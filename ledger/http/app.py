@@ -1,0 +1,77 @@
+"""The application factory. Its lifespan owns the engine: no module-level state."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+
+from ledger import __version__
+from ledger.database import create_engine, create_session_factory
+from ledger.http.health import live, ready
+from ledger.http.problems import EXCEPTION_HANDLERS
+from ledger.http.routes import AccountController, TransferController
+from ledger.migrate import head_revision
+from ledger.service.accounts import AccountService
+from ledger.service.locking import AccountLocker, lock_accounts
+from ledger.service.queries import LedgerQueries
+from ledger.service.transfers import TransferService
+from ledger.service.unit_of_work import UnitOfWork
+from ledger.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    """The services a request handler may call."""
+
+    unit_of_work: UnitOfWork
+    accounts: AccountService
+    transfers: TransferService
+    queries: LedgerQueries
+
+
+def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock_accounts) -> Litestar:
+    """Build the app. `locker` exists so that tests can prove the lock order matters."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        unit_of_work = UnitOfWork(create_session_factory(engine), settings)
+        app.state.engine = engine
+        app.state.ledger = Ledger(
+            unit_of_work=unit_of_work,
+            accounts=AccountService(unit_of_work),
+            transfers=TransferService(unit_of_work, locker),
+            queries=LedgerQueries(unit_of_work),
+        )
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    return Litestar(
+        route_handlers=[AccountController, TransferController, live, ready],
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_max_body_size=settings.max_body_bytes,
+        state=State({"settings": settings, "schema_head": head_revision()}),
+        openapi_config=OpenAPIConfig(
+            title="Ledger",
+            version=__version__,
+            description="A double-entry ledger: accounts, idempotent transfers, an append-only journal.",
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin()],
+        ),
+        debug=False,
+    )
+
+
+def create_app_from_env() -> Litestar:
+    """Entry point for ASGI servers (`uvicorn --factory ledger.http.app:create_app_from_env`)."""
+    return create_app(Settings.from_env())

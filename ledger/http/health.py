@@ -1,0 +1,36 @@
+"""Liveness and readiness: what an orchestrator or load balancer polls."""
+
+from __future__ import annotations
+
+import asyncio
+
+from litestar import Response, get
+from litestar.datastructures import State
+from sqlalchemy import text
+
+from ledger.http.schemas import Health
+
+READINESS_TIMEOUT_SECONDS = 2.0
+
+
+@get("/health/live", operation_id="healthLive", tags=["health"])
+async def live() -> Health:
+    """The process is up and serving."""
+    return Health(status="ok")
+
+
+@get("/health/ready", operation_id="healthReady", tags=["health"])
+async def ready(state: State) -> Response[Health]:
+    """200 when the database answers and its schema is at this build's migration head."""
+    try:
+        async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
+            async with state.engine.connect() as connection:
+                version = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+    except Exception as error:  # any failure to answer means: not ready
+        return Response(Health(status="unavailable", checks={"database": type(error).__name__}), status_code=503)
+    if version != state.schema_head:
+        return Response(
+            Health(status="unavailable", checks={"database": "ok", "schema": f"at {version}, expected {state.schema_head}"}),
+            status_code=503,
+        )
+    return Response(Health(status="ok", checks={"database": "ok", "schema": str(version)}), status_code=200)

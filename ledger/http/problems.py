@@ -1,0 +1,147 @@
+"""Every error becomes an RFC 9457 problem response here, and only here."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from ledger.errors import (
+    Conflict,
+    InvalidRequest,
+    LedgerError,
+    NotFound,
+    TransferRefused,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from ledger.http.schemas import FieldError, Problem
+from ledger.service.unit_of_work import translate
+
+logger = logging.getLogger("ledger.http")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:ledger:problem:"
+
+# LedgerError class -> HTTP status. Subclasses inherit their parent's status.
+STATUS_BY_ERROR: dict[type[LedgerError], int] = {
+    InvalidRequest: 400,
+    UnsupportedMediaType: 415,
+    NotFound: 404,
+    Conflict: 409,
+    Unavailable: 503,
+}
+
+# Framework errors (routing, body size, malformed JSON) by status: code and title.
+HTTP_CODES: dict[int, tuple[str, str]] = {
+    400: ("validation_error", "The request is not valid"),
+    401: ("unauthenticated", "Authentication required"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    406: ("not_acceptable", "Not acceptable"),
+    413: ("request_too_large", "Request body too large"),
+    415: ("unsupported_media_type", "Unsupported media type"),
+    429: ("too_many_requests", "Too many requests"),
+}
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+    transfer_id: str | None = None,
+) -> Response[bytes]:
+    body = Problem(
+        type=PROBLEM_TYPE_PREFIX + code,
+        title=title,
+        status=status,
+        detail=detail,
+        code=code,
+        errors=errors,
+        transfer_id=transfer_id,
+    )
+    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def refusal_response(reason: str, detail: str, transfer_id: str, headers: dict[str, str] | None = None) -> Response[bytes]:
+    status, title = TransferRefused.REASONS[reason]
+    return problem_response(status, reason, title, detail, headers=headers, transfer_id=transfer_id)
+
+
+def _status_for(error: LedgerError) -> int:
+    if isinstance(error, TransferRefused):
+        return error.status
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]  # type: ignore[index]
+    return 500
+
+
+def ledger_error_handler(request: Request, error: LedgerError) -> Response[bytes]:
+    status = _status_for(error)
+    headers = None
+    if isinstance(error, Unavailable):
+        retry_after = request.app.state.settings.retry_after_seconds
+        headers = {"Retry-After": str(retry_after)}
+        logger.warning("503 %s on %s %s: %s", error.code, request.method, request.url.path, error.detail)
+    code = error.reason if isinstance(error, TransferRefused) else error.code
+    errors = [FieldError(**e) for e in error.errors] if isinstance(error, InvalidRequest) and error.errors else None
+    return problem_response(status, code, error.title, error.detail, errors=errors, headers=headers)
+
+
+_MSGSPEC_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def field_errors_from_msgspec(message: str) -> list[FieldError]:
+    """msgspec says "Expected `int`, got `str` - at `$.amount`"; split field from message."""
+    match = _MSGSPEC_PATH.search(message)
+    if match is None:
+        return [FieldError(field="body", message=message)]
+    path = match.group("path").lstrip(".") or "body"
+    return [FieldError(field=path, message=message[: match.start()])]
+
+
+def validation_exception_handler(request: Request, error: ValidationException) -> Response[bytes]:
+    # Raised by Litestar for query and path parameters (and body shapes it checks first).
+    errors: list[FieldError] = []
+    if isinstance(error.extra, list):
+        for item in error.extra:
+            if isinstance(item, dict):
+                errors.append(FieldError(field=str(item.get("key", "request")), message=str(item.get("message", ""))))
+    detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or str(error.detail)
+    return problem_response(400, "validation_error", "The request is not valid", detail, errors=errors or None)
+
+
+def http_exception_handler(request: Request, error: HTTPException) -> Response[bytes]:
+    status = error.status_code
+    if status >= 500:
+        return internal_error_handler(request, error)
+    code, title = HTTP_CODES.get(status, ("http_error", "HTTP error"))
+    headers = dict(error.headers or {})
+    return problem_response(status, code, title, str(error.detail), headers=headers or None)
+
+
+def internal_error_handler(request: Request, error: Exception) -> Response[bytes]:
+    # Database outages surface here when they escape the unit of work (e.g. in health
+    # checks): they are a 503 to retry, not a bug.
+    translated = translate(error)
+    if translated is not None and translated is not error:
+        return ledger_error_handler(request, translated)
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+    return problem_response(500, "internal_error", "Internal error", "an unexpected error occurred; it has been logged")
+
+
+EXCEPTION_HANDLERS = {
+    LedgerError: ledger_error_handler,
+    ValidationException: validation_exception_handler,
+    HTTPException: http_exception_handler,
+    Exception: internal_error_handler,
+}

@@ -1,0 +1,91 @@
+"""Service records to response bodies."""
+
+from __future__ import annotations
+
+from ledger.http.schemas import (
+    AccountBalanceOut,
+    AccountOut,
+    Balance,
+    EntryOut,
+    TransferOut,
+    format_timestamp,
+)
+from ledger.service.records import AccountRecord, BalanceRecord, EntryRecord, TransferRecord
+
+
+def account_out(account: AccountRecord) -> AccountOut:
+    return AccountOut(
+        id=account.id,
+        currency=account.currency,
+        name=account.name,
+        allow_negative_balance=account.allow_negative_balance,
+        metadata=account.metadata,
+        created_at=format_timestamp(account.created_at),
+        balance=Balance(
+            posted=account.posted,
+            pending_debits=account.pending_debits,
+            pending_credits=account.pending_credits,
+            available=account.available,
+        ),
+        entries_count=account.entries_count,
+    )
+
+
+def transfer_out(transfer: TransferRecord) -> TransferOut:
+    return TransferOut(
+        id=transfer.id,
+        debit_account_id=transfer.debit_account_id,
+        credit_account_id=transfer.credit_account_id,
+        amount=transfer.amount,
+        currency=transfer.currency,
+        status=transfer.status,  # type: ignore[arg-type]
+        code=transfer.code,
+        pending=transfer.pending,
+        posted_amount=None,
+        expires_at=None,
+        reversal_of=None,
+        description=transfer.description,
+        metadata=transfer.metadata,
+        created_at=format_timestamp(transfer.created_at),
+        updated_at=format_timestamp(transfer.updated_at),
+    )
+
+
+def entry_out(entry: EntryRecord) -> EntryOut:
+    return EntryOut(
+        account_id=entry.account_id,
+        sequence=entry.sequence,
+        transfer_id=entry.transfer_id,
+        amount=entry.amount,
+        balance_after=entry.balance_after,
+        created_at=format_timestamp(entry.created_at),
+        hash=entry.hash.hex(),
+    )
+
+
+def balance_out(balance: BalanceRecord) -> AccountBalanceOut:
+    return AccountBalanceOut(
+        account_id=balance.account_id,
+        as_of=format_timestamp(balance.as_of),
+        posted=balance.posted,
+        sequence=balance.sequence,
+    )
+
+
+def refusal_detail(transfer: TransferRecord) -> str:
+    """A refusal's detail, derived from the stored record only, so that a replay returns
+    exactly the body the first answer had."""
+    reason = transfer.code
+    debit, credit = transfer.debit_account_id, transfer.credit_account_id
+    if reason == "account_not_found":
+        return f"the debit account {debit!r} or the credit account {credit!r} does not exist"
+    if reason == "insufficient_funds":
+        return f"account {debit!r} does not have {transfer.amount} available"
+    if reason == "currency_mismatch":
+        wanted = f"{transfer.currency} " if transfer.currency else ""
+        return f"the transfer's {wanted}currency does not match both accounts' ({debit!r}, {credit!r})"
+    if reason == "accounts_must_be_different":
+        return f"debit_account_id and credit_account_id are both {debit!r}"
+    if reason == "balance_overflow":
+        return "an account's posted total would exceed 9223372036854775807"
+    return f"transfer refused: {reason}"

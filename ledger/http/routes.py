@@ -1,0 +1,200 @@
+"""The v1 endpoints. Each handler decodes, calls the service, encodes; nothing else."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.params import Parameter
+
+from ledger.domain import TransferRequest
+from ledger.errors import AccountNotFound, InvalidRequest, TransferNotFound
+from ledger.http.body import decode_strict
+from ledger.http.problems import refusal_response
+from ledger.http.render import account_out, balance_out, entry_out, refusal_detail, transfer_out
+from ledger.http.schemas import (
+    CURRENCY_RE,
+    IDENTIFIER_RE,
+    AccountBalanceOut,
+    AccountCreate,
+    AccountOut,
+    AccountPage,
+    EntryPage,
+    TransferCreate,
+    TransferOut,
+    TransferPage,
+    parse_timestamp,
+)
+from ledger.models import TRANSFER_STATUSES
+from ledger.service.records import TransferOutcome
+
+REPLAYED = {"Idempotent-Replayed": "true"}
+
+Limit = Annotated[int, Parameter(ge=1, le=1000, default=100, description="Page size, 1 to 1000")]
+Cursor = Annotated[str | None, Parameter(default=None, max_length=512, description="Opaque cursor from next_cursor")]
+From = Annotated[str | None, Parameter(query="from", default=None, description="RFC 3339, inclusive")]
+To = Annotated[str | None, Parameter(query="to", default=None, description="RFC 3339, inclusive")]
+
+
+def _timestamp(field: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(field, value)
+    except ValueError as error:
+        raise InvalidRequest(str(error), [{"field": field, "message": str(error)}]) from error
+
+
+def _query_identifier(field: str, value: str | None) -> str | None:
+    if value is not None and not IDENTIFIER_RE.fullmatch(value):
+        raise InvalidRequest(f"`{field}` is not a valid identifier", [{"field": field, "message": "not a valid identifier"}])
+    return value
+
+
+def _page_size(state: State, limit: int) -> int:
+    maximum = state.settings.max_page_size
+    if limit > maximum:
+        raise InvalidRequest(f"`limit` must be at most {maximum}", [{"field": "limit", "message": f"at most {maximum}"}])
+    return limit
+
+
+class AccountController(Controller):
+    path = "/v1/accounts"
+    tags = ["accounts"]
+
+    @post("/", operation_id="createAccount", status_code=201)
+    async def create_account(self, request: Request, state: State, data: AccountCreate) -> Response[AccountOut]:
+        """Open an account. Same `id` and same fields: 200 with the stored account and
+        `Idempotent-Replayed: true`; same `id`, other fields: 409."""
+        body = await decode_strict(request, AccountCreate)
+        outcome = await state.ledger.accounts.open(
+            account_id=body.id,
+            currency=body.currency,
+            name=body.name,
+            allow_negative_balance=body.allow_negative_balance,
+            metadata=body.metadata,
+        )
+        if outcome.created:
+            return Response(account_out(outcome.account), status_code=201, headers={"Location": f"/v1/accounts/{outcome.account.id}"})
+        return Response(account_out(outcome.account), status_code=200, headers=REPLAYED)
+
+    @get("/", operation_id="listAccounts")
+    async def list_accounts(
+        self, state: State, limit: Limit, cursor: Cursor, currency: str | None = None
+    ) -> AccountPage:
+        """Accounts ordered by id, keyset-paginated."""
+        if currency is not None and not CURRENCY_RE.fullmatch(currency):
+            raise InvalidRequest("`currency` must be three upper-case letters", [{"field": "currency", "message": "^[A-Z]{3}$"}])
+        page = await state.ledger.queries.accounts(currency=currency, limit=_page_size(state, limit), cursor=cursor)
+        return AccountPage(data=[account_out(a) for a in page.items], next_cursor=page.next_cursor)
+
+    @get("/{account_id:str}", operation_id="getAccount")
+    async def get_account(self, state: State, account_id: str) -> AccountOut:
+        """One account with its balances and journal length."""
+        if not IDENTIFIER_RE.fullmatch(account_id):
+            raise AccountNotFound(f"no account with id {account_id!r}")
+        return account_out(await state.ledger.queries.account(account_id))
+
+    @get("/{account_id:str}/entries", operation_id="listAccountEntries")
+    async def list_entries(
+        self, state: State, account_id: str, limit: Limit, cursor: Cursor, start: From, end: To
+    ) -> EntryPage:
+        """The account's journal, oldest first: sequence 1, 2, 3... with no gaps."""
+        if not IDENTIFIER_RE.fullmatch(account_id):
+            raise AccountNotFound(f"no account with id {account_id!r}")
+        page = await state.ledger.queries.entries(
+            account_id,
+            start=_timestamp("from", start),
+            end=_timestamp("to", end),
+            limit=_page_size(state, limit),
+            cursor=cursor,
+        )
+        return EntryPage(data=[entry_out(e) for e in page.items], next_cursor=page.next_cursor)
+
+    @get("/{account_id:str}/balance", operation_id="getAccountBalance")
+    async def get_balance(
+        self,
+        state: State,
+        account_id: str,
+        as_of: Annotated[str | None, Parameter(default=None, description="RFC 3339; default now")],
+    ) -> AccountBalanceOut:
+        """The posted balance after the last entry at or before `as_of`."""
+        if not IDENTIFIER_RE.fullmatch(account_id):
+            raise AccountNotFound(f"no account with id {account_id!r}")
+        balance = await state.ledger.queries.balance(account_id, _timestamp("as_of", as_of))
+        return balance_out(balance)
+
+
+def _transfer_response(outcome: TransferOutcome) -> Response:
+    transfer = outcome.transfer
+    headers = dict(REPLAYED) if outcome.replayed else {}
+    if transfer.status == "rejected":
+        assert transfer.code is not None
+        return refusal_response(transfer.code, refusal_detail(transfer), transfer.id, headers=headers or None)
+    headers["Location"] = f"/v1/transfers/{transfer.id}"
+    return Response(transfer_out(transfer), status_code=201, headers=headers)
+
+
+class TransferController(Controller):
+    path = "/v1/transfers"
+    tags = ["transfers"]
+
+    @post("/", operation_id="createTransfer", status_code=201)
+    async def create_transfer(self, request: Request, state: State, data: TransferCreate) -> Response[TransferOut]:
+        """Apply a transfer once per `id`. A repeat returns the original status and body
+        with `Idempotent-Replayed: true`; refusals (404/422) are recorded and replayed too."""
+        body = await decode_strict(request, TransferCreate)
+        if body.pending:
+            raise InvalidRequest(
+                "pending (two-phase) transfers are not available in this version",
+                [{"field": "pending", "message": "not available yet"}],
+            )
+        outcome = await state.ledger.transfers.create(
+            TransferRequest(
+                id=body.id,
+                debit_account_id=body.debit_account_id,
+                credit_account_id=body.credit_account_id,
+                amount=body.amount,
+                currency=body.currency,
+                pending=body.pending,
+                timeout_seconds=body.timeout_seconds,
+                description=body.description,
+                metadata=body.metadata,
+            )
+        )
+        return _transfer_response(outcome)
+
+    @get("/", operation_id="listTransfers")
+    async def list_transfers(
+        self,
+        state: State,
+        limit: Limit,
+        cursor: Cursor,
+        start: From,
+        end: To,
+        account_id: str | None = None,
+        status: str | None = None,
+    ) -> TransferPage:
+        """Transfers oldest first (rejected ones included), filtered and keyset-paginated."""
+        if status is not None and status not in TRANSFER_STATUSES:
+            raise InvalidRequest(
+                f"`status` must be one of {', '.join(TRANSFER_STATUSES)}", [{"field": "status", "message": "unknown status"}]
+            )
+        page = await state.ledger.queries.transfers(
+            account_id=_query_identifier("account_id", account_id),
+            status=status,
+            start=_timestamp("from", start),
+            end=_timestamp("to", end),
+            limit=_page_size(state, limit),
+            cursor=cursor,
+        )
+        return TransferPage(data=[transfer_out(t) for t in page.items], next_cursor=page.next_cursor)
+
+    @get("/{transfer_id:str}", operation_id="getTransfer")
+    async def get_transfer(self, state: State, transfer_id: str) -> TransferOut:
+        """A transfer in its current state, rejected ones included."""
+        if not IDENTIFIER_RE.fullmatch(transfer_id):
+            raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+        return transfer_out(await state.ledger.queries.transfer(transfer_id))

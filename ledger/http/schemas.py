@@ -1,0 +1,215 @@
+"""Request and response bodies, as msgspec Structs with the contract's constraints.
+
+Request structs forbid unknown fields, so a typo such as `ammount` or a forged `balance`
+is a 400 rather than silently ignored. Text that PostgreSQL cannot store (NUL) or that is
+not encodable as UTF-8 (lone surrogates) is refused here too, so it can never reach the
+database as a 5xx.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+import msgspec
+
+from ledger.domain import MAX_AMOUNT
+
+IDENTIFIER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+CURRENCY_RE = re.compile(r"[A-Z]{3}")
+
+Identifier = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="1 to 64 characters of [A-Za-z0-9._:-], chosen by the client",
+        examples=["order-1234:capture"],
+    ),
+]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217-style code", examples=["EUR"])]
+Amount = Annotated[
+    int, msgspec.Meta(ge=1, le=MAX_AMOUNT, description="Minor units (cents), a JSON integer", examples=[1250])
+]
+MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=512)]
+Metadata = Annotated[
+    dict[MetadataKey, MetadataValue],
+    msgspec.Meta(max_length=16, description="Flat string to string map, at most 16 keys"),
+]
+Description = Annotated[str, msgspec.Meta(max_length=512)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+TimeoutSeconds = Annotated[int, msgspec.Meta(ge=1, le=2_592_000)]
+
+
+def _check_identifier(field: str, value: str | None) -> None:
+    # msgspec's pattern uses re.search, where `$` also matches before a final newline;
+    # fullmatch closes that gap (PostgreSQL's CHECK would otherwise catch it as a 5xx).
+    if value is not None and not IDENTIFIER_RE.fullmatch(value):
+        raise ValueError(f"`{field}` must be 1 to 64 characters of [A-Za-z0-9._:-]")
+
+
+def _check_text(field: str, value: str | None) -> None:
+    if value is None:
+        return
+    if "\x00" in value:
+        raise ValueError(f"`{field}` must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"`{field}` is not valid Unicode text") from error
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> None:
+    for key, value in (metadata or {}).items():
+        _check_text("metadata key", key)
+        _check_text(f"metadata.{key}", value)
+
+
+class AccountCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Open an account. Without `id` the service picks one."""
+
+    currency: Currency
+    id: Identifier | None = None
+    name: Name | None = None
+    allow_negative_balance: bool = False
+    metadata: Metadata | None = None
+
+    def __post_init__(self) -> None:
+        _check_identifier("id", self.id)
+        if not CURRENCY_RE.fullmatch(self.currency):
+            raise ValueError("`currency` must be three upper-case letters")
+        _check_text("name", self.name)
+        _check_metadata(self.metadata)
+
+
+class TransferCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Move `amount` from the debit account to the credit account, once per `id`."""
+
+    id: Identifier
+    debit_account_id: Identifier
+    credit_account_id: Identifier
+    amount: Amount
+    currency: Currency | None = None
+    pending: bool = False
+    timeout_seconds: TimeoutSeconds | None = None
+    description: Description | None = None
+    metadata: Metadata | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("id", "debit_account_id", "credit_account_id"):
+            _check_identifier(field, getattr(self, field))
+        if self.currency is not None and not CURRENCY_RE.fullmatch(self.currency):
+            raise ValueError("`currency` must be three upper-case letters")
+        if self.timeout_seconds is not None and not self.pending:
+            raise ValueError("`timeout_seconds` applies to pending transfers only")
+        _check_text("description", self.description)
+        _check_metadata(self.metadata)
+
+
+class Balance(msgspec.Struct):
+    posted: int
+    pending_debits: int
+    pending_credits: int
+    available: int
+
+
+class AccountOut(msgspec.Struct):
+    id: str
+    currency: str
+    name: str | None
+    allow_negative_balance: bool
+    metadata: dict[str, str]
+    created_at: str
+    balance: Balance
+    entries_count: int
+
+
+class TransferOut(msgspec.Struct):
+    id: str
+    debit_account_id: str
+    credit_account_id: str
+    amount: int
+    currency: str | None
+    status: Literal["posted", "pending", "voided", "expired", "rejected"]
+    code: str | None
+    pending: bool
+    posted_amount: int | None
+    expires_at: str | None
+    reversal_of: str | None
+    description: str | None
+    metadata: dict[str, str]
+    created_at: str
+    updated_at: str
+
+
+class EntryOut(msgspec.Struct):
+    account_id: str
+    sequence: int
+    transfer_id: str
+    amount: int
+    balance_after: int
+    created_at: str
+    hash: str
+
+
+class AccountBalanceOut(msgspec.Struct):
+    account_id: str
+    as_of: str
+    posted: int
+    sequence: int
+
+
+class AccountPage(msgspec.Struct):
+    data: list[AccountOut]
+    next_cursor: str | None
+
+
+class TransferPage(msgspec.Struct):
+    data: list[TransferOut]
+    next_cursor: str | None
+
+
+class EntryPage(msgspec.Struct):
+    data: list[EntryOut]
+    next_cursor: str | None
+
+
+class FieldError(msgspec.Struct):
+    field: str
+    message: str
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details; `code` is the stable reason clients branch on."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[FieldError] | None = None
+    transfer_id: str | None = None
+
+
+class Health(msgspec.Struct):
+    status: str
+    checks: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, always: `2026-11-24T21:59:03.123456Z`."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_timestamp(field: str, value: str) -> datetime:
+    """Parse an RFC 3339 timestamp; an offset is required, so that no reader guesses a zone."""
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("z", "Z"))
+    except ValueError as error:
+        raise ValueError(f"`{field}` must be an RFC 3339 timestamp such as 2026-11-24T21:59:03.123456Z") from error
+    if moment.tzinfo is None:
+        raise ValueError(f"`{field}` must carry a time zone offset, e.g. Z")
+    return moment

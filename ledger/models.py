@@ -1,0 +1,166 @@
+"""The tables, as SQLAlchemy models.
+
+Alembic migrations are the only source of the schema; these models mirror them so that
+queries are typed and so that a test can prove the two never drift (`alembic check`).
+
+Invariants are enforced twice: in Python before anything is written, and here as
+constraints, so that a bug in the service cannot store money that does not add up.
+
+- `Account`: balances are kept as running totals of posted and pending debits and credits
+  (all non-negative), so a balance is `credits_posted - debits_posted` and the database
+  can refuse an overdraft with a CHECK.
+- `Transfer` (the design's "Transaction model"): one row per transfer id, for every
+  outcome including refusals, which is what makes an id's outcome permanent.
+- `Entry`: the journal, one row per account touched by a transfer, numbered 1, 2, 3...
+  per account, with the posted balance after it and a SHA-256 chained to the previous
+  entry of the same account.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Constraint names are part of the contract between the database and the service: the
+# service maps a violated constraint back to a refusal code by its name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+IDENTIFIER_PATTERN = "^[A-Za-z0-9._:-]{1,64}$"
+CURRENCY_PATTERN = "^[A-Z]{3}$"
+TRANSFER_STATUSES = ("posted", "pending", "voided", "expired", "rejected")
+
+Timestamp = TIMESTAMP(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    currency: Mapped[str] = mapped_column(Text, nullable=False)
+    name: Mapped[str | None] = mapped_column(Text, nullable=True)
+    allow_negative_balance: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    debits_posted: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    credits_posted: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    pending_debits: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    pending_credits: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    # The sequence of the account's last journal entry (0 before the first one).
+    entries_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    # The hash and time of the last entry, kept here so that appending an entry needs
+    # no extra read: the transfer already holds this row locked.
+    last_entry_hash: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    last_entry_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False, server_default=text("now()"))
+
+    __table_args__ = (
+        CheckConstraint(f"id ~ '{IDENTIFIER_PATTERN}'", name="id_format"),
+        CheckConstraint(f"currency ~ '{CURRENCY_PATTERN}'", name="currency_format"),
+        CheckConstraint("char_length(name) BETWEEN 1 AND 256", name="name_length"),
+        CheckConstraint("jsonb_typeof(metadata) = 'object'", name="metadata_object"),
+        CheckConstraint(
+            "debits_posted >= 0 AND credits_posted >= 0 AND pending_debits >= 0 AND pending_credits >= 0",
+            name="totals_not_negative",
+        ),
+        CheckConstraint("entries_count >= 0", name="entries_count_not_negative"),
+        # numeric arithmetic: the difference of two bigints can overflow bigint.
+        CheckConstraint(
+            "allow_negative_balance OR credits_posted::numeric - debits_posted - pending_debits >= 0",
+            name="balance_not_negative",
+        ),
+        CheckConstraint("last_entry_hash IS NULL OR octet_length(last_entry_hash) = 32", name="last_entry_hash_length"),
+        Index(None, "currency", "id"),
+    )
+
+
+class Transfer(Base):
+    """One row per transfer id, whatever its outcome: the id's permanent record."""
+
+    __tablename__ = "transfers"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    # No foreign keys to accounts here: a refusal with `account_not_found` is recorded
+    # under the ids the client sent. The journal (`entries`) references both tables.
+    debit_account_id: Mapped[str] = mapped_column(Text, nullable=False)
+    credit_account_id: Mapped[str] = mapped_column(Text, nullable=False)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    currency: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pending: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    code: Mapped[str | None] = mapped_column(Text, nullable=True)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    # SHA-256 of the request's canonical form: a repeat under the same id is a replay
+    # only when this matches, otherwise it is a conflict (409).
+    request_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+    __table_args__ = (
+        CheckConstraint(f"id ~ '{IDENTIFIER_PATTERN}'", name="id_format"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint(f"currency ~ '{CURRENCY_PATTERN}'", name="currency_format"),
+        CheckConstraint("status IN ('posted', 'pending', 'voided', 'expired', 'rejected')", name="status_known"),
+        CheckConstraint("(status = 'rejected') = (code IS NOT NULL)", name="code_iff_rejected"),
+        CheckConstraint("status = 'rejected' OR debit_account_id <> credit_account_id", name="accounts_different"),
+        CheckConstraint("status = 'rejected' OR currency IS NOT NULL", name="currency_when_applied"),
+        CheckConstraint("char_length(description) <= 512", name="description_length"),
+        CheckConstraint("jsonb_typeof(metadata) = 'object'", name="metadata_object"),
+        CheckConstraint("octet_length(request_hash) = 32", name="request_hash_length"),
+        CheckConstraint("updated_at >= created_at", name="updated_after_created"),
+        Index(None, "created_at", "id"),
+        Index(None, "debit_account_id", "created_at", "id"),
+        Index(None, "credit_account_id", "created_at", "id"),
+    )
+
+
+class Entry(Base):
+    """A journal line: one account's side of one transfer."""
+
+    __tablename__ = "entries"
+
+    account_id: Mapped[str] = mapped_column(Text, ForeignKey("accounts.id"), nullable=False)
+    sequence: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    transfer_id: Mapped[str] = mapped_column(Text, ForeignKey("transfers.id"), nullable=False)
+    # Signed: credits are positive, debits negative.
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    balance_after: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+    __table_args__ = (
+        PrimaryKeyConstraint("account_id", "sequence"),
+        # A transfer touches an account at most once: applying it twice is impossible
+        # even for a buggy caller, because the second journal line cannot be stored.
+        UniqueConstraint("transfer_id", "account_id"),
+        CheckConstraint("sequence >= 1", name="sequence_positive"),
+        CheckConstraint("amount <> 0", name="amount_not_zero"),
+        CheckConstraint("octet_length(hash) = 32", name="hash_length"),
+        # Balances "as of" an instant and statements "from/to" search by time within an
+        # account; per account, time order is sequence order (see domain.decide_transfer).
+        Index(None, "account_id", "created_at", "sequence"),
+    )

@@ -1,0 +1,35 @@
+"""Opaque keyset cursors: base64url of the last row's sort key, as JSON."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from ledger.errors import InvalidCursor
+
+MAX_CURSOR_LENGTH = 512
+
+
+def encode_cursor(key: list[Any]) -> str:
+    raw = json.dumps(key, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str, shape: tuple[type, ...]) -> list[Any]:
+    """Decode a cursor whose key has the given element types, or raise InvalidCursor."""
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise InvalidCursor("cursor is too long")
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        key = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (ValueError, UnicodeError, binascii.Error) as error:
+        raise InvalidCursor("cursor is not one this service issued") from error
+    if not isinstance(key, list) or len(key) != len(shape):
+        raise InvalidCursor("cursor is not one this service issued")
+    for value, kind in zip(key, shape):
+        # bool is an int in Python; a cursor never holds one.
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InvalidCursor("cursor is not one this service issued")
+    return key

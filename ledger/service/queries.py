@@ -1,0 +1,161 @@
+"""Reads: accounts, transfers, an account's journal and its balance as of an instant."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import Select, exists, func, or_, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ledger.domain import epoch_microseconds
+from ledger.errors import AccountNotFound, TransferNotFound
+from ledger.models import Account, Entry, Transfer
+from ledger.service.pagination import decode_cursor, encode_cursor
+from ledger.service.records import AccountRecord, BalanceRecord, EntryRecord, Page, TransferRecord
+from ledger.service.unit_of_work import UnitOfWork
+
+ACCOUNT_COLUMNS = (
+    Account.id,
+    Account.currency,
+    Account.name,
+    Account.allow_negative_balance,
+    Account.metadata_.label("metadata"),
+    Account.created_at,
+    Account.debits_posted,
+    Account.credits_posted,
+    Account.pending_debits,
+    Account.pending_credits,
+    Account.entries_count,
+)
+TRANSFER_COLUMNS = tuple(Transfer.__table__.columns)
+ENTRY_COLUMNS = tuple(Entry.__table__.columns)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _from_microseconds(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
+
+
+class LedgerQueries:
+    def __init__(self, unit_of_work: UnitOfWork) -> None:
+        self._unit_of_work = unit_of_work
+
+    async def account(self, account_id: str) -> AccountRecord:
+        async def work(session: AsyncSession) -> AccountRecord:
+            row = (await session.execute(select(*ACCOUNT_COLUMNS).where(Account.id == account_id))).mappings().first()
+            if row is None:
+                raise AccountNotFound(f"no account with id {account_id!r}")
+            return AccountRecord.from_row(row)
+
+        return await self._unit_of_work.run(work)
+
+    async def accounts(self, *, currency: str | None, limit: int, cursor: str | None) -> Page[AccountRecord]:
+        statement = select(*ACCOUNT_COLUMNS).order_by(Account.id).limit(limit + 1)
+        if currency is not None:
+            statement = statement.where(Account.currency == currency)
+        if cursor is not None:
+            (after,) = decode_cursor(cursor, (str,))
+            statement = statement.where(Account.id > after)
+        rows = await self._rows(statement)
+        items = [AccountRecord.from_row(row) for row in rows[:limit]]
+        return Page(items, encode_cursor([items[-1].id]) if len(rows) > limit else None)
+
+    async def transfer(self, transfer_id: str) -> TransferRecord:
+        rows = await self._rows(select(*TRANSFER_COLUMNS).where(Transfer.id == transfer_id))
+        if not rows:
+            raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+        return TransferRecord.from_row(rows[0])
+
+    async def transfers(
+        self,
+        *,
+        account_id: str | None,
+        status: str | None,
+        start: datetime | None,
+        end: datetime | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page[TransferRecord]:
+        """Transfers oldest first, keyset-paginated on (created_at, id)."""
+        statement = select(*TRANSFER_COLUMNS).order_by(Transfer.created_at, Transfer.id).limit(limit + 1)
+        if account_id is not None:
+            statement = statement.where(
+                or_(Transfer.debit_account_id == account_id, Transfer.credit_account_id == account_id)
+            )
+        if status is not None:
+            statement = statement.where(Transfer.status == status)
+        if start is not None:
+            statement = statement.where(Transfer.created_at >= start)
+        if end is not None:
+            statement = statement.where(Transfer.created_at <= end)
+        if cursor is not None:
+            after_us, after_id = decode_cursor(cursor, (int, str))
+            statement = statement.where(
+                tuple_(Transfer.created_at, Transfer.id) > tuple_(_from_microseconds(after_us), after_id)
+            )
+        rows = await self._rows(statement)
+        items = [TransferRecord.from_row(row) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            next_cursor = encode_cursor([epoch_microseconds(items[-1].created_at), items[-1].id])
+        return Page(items, next_cursor)
+
+    async def entries(
+        self, account_id: str, *, start: datetime | None, end: datetime | None, limit: int, cursor: str | None
+    ) -> Page[EntryRecord]:
+        """An account's journal, oldest first, keyset-paginated on sequence."""
+        statement = select(*ENTRY_COLUMNS).where(Entry.account_id == account_id).order_by(Entry.sequence).limit(limit + 1)
+        if start is not None:
+            statement = statement.where(Entry.created_at >= start)
+        if end is not None:
+            statement = statement.where(Entry.created_at <= end)
+        if cursor is not None:
+            (after,) = decode_cursor(cursor, (int,))
+            statement = statement.where(Entry.sequence > after)
+
+        async def work(session: AsyncSession) -> list:
+            rows = (await session.execute(statement)).mappings().all()
+            if not rows:
+                await _require_account(session, account_id)
+            return list(rows)
+
+        rows = await self._unit_of_work.run(work)
+        items = [EntryRecord(**row) for row in rows[:limit]]
+        return Page(items, encode_cursor([items[-1].sequence]) if len(rows) > limit else None)
+
+    async def balance(self, account_id: str, as_of: datetime | None) -> BalanceRecord:
+        """The posted balance after the account's last entry at or before `as_of`."""
+
+        async def work(session: AsyncSession) -> BalanceRecord:
+            moment = as_of
+            if moment is None:
+                moment = (await session.execute(select(func.clock_timestamp()))).scalar_one()
+            row = (
+                await session.execute(
+                    select(Entry.balance_after, Entry.sequence)
+                    .where(Entry.account_id == account_id, Entry.created_at <= moment)
+                    .order_by(Entry.created_at.desc(), Entry.sequence.desc())
+                    .limit(1)
+                )
+            ).first()
+            if row is None:
+                await _require_account(session, account_id)
+                return BalanceRecord(account_id, moment, 0, 0)
+            return BalanceRecord(account_id, moment, row.balance_after, row.sequence)
+
+        return await self._unit_of_work.run(work)
+
+    async def _rows(self, statement: Select) -> list:
+        async def work(session: AsyncSession) -> list:
+            return list((await session.execute(statement)).mappings().all())
+
+        return await self._unit_of_work.run(work)
+
+
+async def _require_account(session: AsyncSession, account_id: str) -> None:
+    found = (await session.execute(select(exists().where(Account.id == account_id)))).scalar_one()
+    if not found:
+        raise AccountNotFound(f"no account with id {account_id!r}")
+
+
+

@@ -1,0 +1,130 @@
+"""What the service returns: plain records, independent of HTTP and of the ORM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Generic, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRecord:
+    id: str
+    currency: str
+    name: str | None
+    allow_negative_balance: bool
+    metadata: dict[str, str]
+    created_at: datetime
+    debits_posted: int
+    credits_posted: int
+    pending_debits: int
+    pending_credits: int
+    entries_count: int
+
+    @property
+    def posted(self) -> int:
+        return self.credits_posted - self.debits_posted
+
+    @property
+    def available(self) -> int:
+        return self.posted - self.pending_debits
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> AccountRecord:
+        return cls(
+            id=row["id"],
+            currency=row["currency"],
+            name=row["name"],
+            allow_negative_balance=row["allow_negative_balance"],
+            metadata=row["metadata"],
+            created_at=row["created_at"],
+            debits_posted=row["debits_posted"],
+            credits_posted=row["credits_posted"],
+            pending_debits=row["pending_debits"],
+            pending_credits=row["pending_credits"],
+            entries_count=row["entries_count"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRecord:
+    id: str
+    debit_account_id: str
+    credit_account_id: str
+    amount: int
+    currency: str | None
+    pending: bool
+    status: str
+    code: str | None
+    description: str | None
+    metadata: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    request_hash: bytes
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> TransferRecord:
+        return cls(
+            id=row["id"],
+            debit_account_id=row["debit_account_id"],
+            credit_account_id=row["credit_account_id"],
+            amount=row["amount"],
+            currency=row["currency"],
+            pending=row["pending"],
+            status=row["status"],
+            code=row["code"],
+            description=row["description"],
+            metadata=row["metadata"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            request_hash=row["request_hash"],
+        )
+
+    def as_created(self) -> TransferRecord:
+        """The transfer as its first answer showed it: a replay returns the original body."""
+        if self.status == "rejected":
+            return self
+        return replace(self, status="pending" if self.pending else "posted", updated_at=self.created_at)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferOutcome:
+    """The answer to a transfer request: the id's record, and whether it is a replay."""
+
+    transfer: TransferRecord
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AccountOutcome:
+    account: AccountRecord
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRecord:
+    account_id: str
+    sequence: int
+    transfer_id: str
+    amount: int
+    balance_after: int
+    created_at: datetime
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceRecord:
+    account_id: str
+    as_of: datetime
+    posted: int
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a keyset-paginated list; `next_cursor` is None on the last page."""
+
+    items: list[T]
+    next_cursor: str | None

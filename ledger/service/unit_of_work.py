@@ -1,0 +1,125 @@
+"""One database transaction per unit of work, retried whole on transient conflicts.
+
+Serialization failures (40001) and deadlocks (40P01) mean PostgreSQL rolled the whole
+transaction back, so the only correct retry is to run the whole unit of work again
+(never from a savepoint). Other database failures become the `Unavailable` errors
+clients can retry by transfer id: a lost connection, a lock held past `lock_timeout`,
+a pool with no free connection within `pool_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Awaitable, Callable, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ledger.errors import DatabaseUnavailable, LedgerError, LockTimeout, Overloaded
+from ledger.settings import Settings
+
+T = TypeVar("T")
+logger = logging.getLogger("ledger.unit_of_work")
+
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+UNAVAILABLE_SQLSTATES = frozenset(
+    {
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now
+        "53300",  # too_many_connections
+        "53400",  # configuration_limit_exceeded
+        "25006",  # read_only_sql_transaction (a standby answered)
+    }
+)
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a database error, however SQLAlchemy and asyncpg wrapped it."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        state = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        if isinstance(state, str) and state:
+            return state
+        current = getattr(current, "orig", None) or current.__cause__
+    return None
+
+
+def constraint_name(error: BaseException) -> str | None:
+    current: BaseException | None = error
+    for _ in range(4):
+        if current is None:
+            return None
+        name = getattr(current, "constraint_name", None)
+        if name:
+            return str(name)
+        current = getattr(current, "orig", None) or current.__cause__
+    return None
+
+
+def is_retryable(error: BaseException) -> bool:
+    return isinstance(error, sa_exc.DBAPIError) and sqlstate(error) in RETRYABLE_SQLSTATES
+
+
+def translate(error: BaseException) -> LedgerError | None:
+    """Map an infrastructure failure to the retryable error clients see, or None (a bug)."""
+    if isinstance(error, LedgerError):
+        return error
+    if isinstance(error, sa_exc.TimeoutError):
+        return Overloaded("no database connection became free within the pool timeout")
+    if isinstance(error, sa_exc.DBAPIError):
+        state = sqlstate(error) or ""
+        if state == "55P03":
+            return LockTimeout("an account involved is locked by another transaction; retry with the same id")
+        if state == "57014":
+            return Overloaded("the database statement timed out")
+        if state in RETRYABLE_SQLSTATES:
+            return Overloaded("the transaction kept conflicting with concurrent ones; retry with the same id")
+        if (
+            error.connection_invalidated
+            or state.startswith("08")
+            or state in UNAVAILABLE_SQLSTATES
+            or isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError))
+            and not state
+        ):
+            return DatabaseUnavailable("the database connection failed; retry with the same id")
+        return None
+    if isinstance(error, (OSError, asyncio.TimeoutError)):
+        return DatabaseUnavailable("the database cannot be reached")
+    return None
+
+
+class UnitOfWork:
+    """Runs `work(session)` in one transaction; `work` commits, anything else rolls back."""
+
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+        self._session_factory = session_factory
+        self._settings = settings
+        self.retries = 0  # transactions re-run after 40001/40P01, for tests and metrics
+
+    async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        attempts = self._settings.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._session_factory() as session:
+                    # Leaving this block without commit rolls back (AsyncSession.close).
+                    return await work(session)
+            except Exception as error:
+                if is_retryable(error) and attempt < attempts:
+                    self.retries += 1
+                    await asyncio.sleep(self._backoff_seconds(attempt))
+                    continue
+                translated = translate(error)
+                if translated is None or translated is error:
+                    raise
+                raise translated from error
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _backoff_seconds(self, attempt: int) -> float:
+        # Full jitter: spreads retries so that colliding transactions do not collide again.
+        ceiling = self._settings.retry_base_delay_ms * (2 ** (attempt - 1)) / 1000
+        return random.uniform(0, ceiling)

@@ -1,0 +1,122 @@
+"""Settings, read once from `LEDGER_*` environment variables.
+
+Every limit the service enforces has a name here (TigerStyle: put a limit on everything),
+so an operator can see and tune all of them in one place and the README can list them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+
+class SettingsError(ValueError):
+    """A `LEDGER_*` variable holds a value the service cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where the database is. Unset means: start the embedded PostgreSQL in `data_dir`.
+    database_url: str | None = None
+    data_dir: Path = Path(".ledger")
+
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    log_level: str = "info"
+
+    # Connection pool, passed explicitly to create_async_engine.
+    pool_size: int = 20
+    max_overflow: int = 10
+    pool_timeout_seconds: float = 5.0
+    pool_recycle_seconds: int = 1800
+    pool_pre_ping: bool = True
+
+    # Server-side limits, set on every connection so that nothing waits forever.
+    lock_timeout_ms: int = 2000
+    statement_timeout_ms: int = 10000
+    idle_in_transaction_timeout_ms: int = 30000
+
+    # Whole-transaction retries on serialization failures and deadlocks.
+    max_retries: int = 5
+    retry_base_delay_ms: int = 5
+
+    # What a client may send.
+    max_body_bytes: int = 1_048_576
+    max_page_size: int = 1000
+    default_page_size: int = 100
+
+    # Seconds a client is told to wait in `Retry-After` when the service answers 503.
+    retry_after_seconds: int = 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from `LEDGER_<FIELD>` variables; explicit overrides win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = environ.get(f"LEDGER_{field.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.name, field.type, raw)
+        values.update(overrides)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = {
+            "port": self.port,
+            "workers": self.workers,
+            "pool_size": self.pool_size,
+            "pool_timeout_seconds": self.pool_timeout_seconds,
+            "lock_timeout_ms": self.lock_timeout_ms,
+            "statement_timeout_ms": self.statement_timeout_ms,
+            "max_body_bytes": self.max_body_bytes,
+            "max_page_size": self.max_page_size,
+            "default_page_size": self.default_page_size,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise SettingsError(f"LEDGER_{name.upper()} must be positive, got {value}")
+        if self.max_overflow < 0 or self.max_retries < 0 or self.retry_after_seconds < 0:
+            raise SettingsError("LEDGER_MAX_OVERFLOW, LEDGER_MAX_RETRIES and LEDGER_RETRY_AFTER_SECONDS must be >= 0")
+        if self.default_page_size > self.max_page_size:
+            raise SettingsError("LEDGER_DEFAULT_PAGE_SIZE must not exceed LEDGER_MAX_PAGE_SIZE")
+        if self.lock_timeout_ms >= self.statement_timeout_ms:
+            # A lock wait is part of a statement: a lock timeout at or above the statement
+            # timeout would never fire, and clients would get the less precise error.
+            raise SettingsError("LEDGER_LOCK_TIMEOUT_MS must be below LEDGER_STATEMENT_TIMEOUT_MS")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(name: str, annotation: object, raw: str) -> object:
+    kind = str(annotation)
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError as error:
+        raise SettingsError(f"LEDGER_{name.upper()}={raw!r} is not a valid {kind}") from error
+    return raw
+
+
+def setting_names() -> list[str]:
+    """Every environment variable the service reads (used by docs and the compose test)."""
+    return [f"LEDGER_{field.name.upper()}" for field in fields(Settings)]
