@@ -1,0 +1,109 @@
+"""`ledger serve` and `ledger migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from urllib.parse import urlsplit
+
+from ledger import migrate
+from ledger.settings import Settings, SettingsError
+
+logger = logging.getLogger("ledger")
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{parts.username or ''}@{host}:{parts.port or ''}{parts.path}"
+
+
+def _database(settings: Settings):  # type: ignore[no-untyped-def]
+    """The database URL to use, and the embedded server started for it (or None)."""
+    if settings.database_url:
+        return settings.database_url, None
+    from ledger.embedded import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(settings.data_dir)
+    url = embedded.start()
+    print(
+        f"ledger: embedded PostgreSQL at {_redacted(url)} (data in {embedded.data_dir}, "
+        f"password in {embedded.credentials_file})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return url, embedded
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal into the handler
+    # it found: make that handler unwind the stack, so that `finally` stops the embedded
+    # PostgreSQL instead of the process dying with it still running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    url, embedded = _database(settings)
+    try:
+        migrate.upgrade(url)
+        # Worker processes build their app from the environment: hand them the URL.
+        os.environ["LEDGER_DATABASE_URL"] = url
+        print(f"ledger: serving on http://{settings.host}:{settings.port} (docs at /schema)", file=sys.stderr, flush=True)
+        uvicorn.run(
+            "ledger.http.app:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            access_log=False,
+            # In-flight requests finish on SIGTERM; after this many seconds they are cut.
+            timeout_graceful_shutdown=10,
+            server_header=False,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def run_migrations(settings: Settings) -> int:
+    url, embedded = _database(settings)
+    try:
+        migrate.upgrade(url)
+        print(f"ledger: database at {_redacted(url)} is at revision {migrate.head_revision()}", file=sys.stderr)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ledger", description="A double-entry banking ledger on PostgreSQL.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="apply migrations and serve HTTP")
+    serve_parser.add_argument("--host", help="address to bind (LEDGER_HOST, default 127.0.0.1)")
+    serve_parser.add_argument("--port", type=int, help="port (LEDGER_PORT, default 8000)")
+    serve_parser.add_argument("--workers", type=int, help="worker processes (LEDGER_WORKERS, default 1)")
+    commands.add_parser("migrate", help="apply migrations and exit")
+    arguments = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {
+        name: value
+        for name in ("host", "port", "workers")
+        if (value := getattr(arguments, name, None)) is not None
+    }
+    try:
+        settings = Settings.from_env(**overrides)
+    except SettingsError as error:
+        parser.error(str(error))
+    if arguments.command == "serve":
+        return serve(settings)
+    return run_migrations(settings)

