@@ -7,7 +7,7 @@ from typing import Annotated
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
-from litestar.params import Parameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from ledger.domain import TransferRequest
 from ledger.errors import AccountNotFound, InvalidRequest, TransferNotFound
@@ -32,10 +32,16 @@ from ledger.service.records import TransferOutcome
 
 REPLAYED = {"Idempotent-Replayed": "true"}
 
-Limit = Annotated[int, Parameter(ge=1, le=1000, default=100, description="Page size, 1 to 1000")]
-Cursor = Annotated[str | None, Parameter(default=None, max_length=512, description="Opaque cursor from next_cursor")]
-From = Annotated[str | None, Parameter(query="from", default=None, description="RFC 3339, inclusive")]
-To = Annotated[str | None, Parameter(query="to", default=None, description="RFC 3339, inclusive")]
+Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="Page size, 1 to 1000")]
+Cursor = Annotated[str | None, QueryParameter(max_length=512, description="Opaque cursor from next_cursor")]
+AccountId = Annotated[str, PathParameter(description="The account's id")]
+TransferId = Annotated[str, PathParameter(description="The transfer's id")]
+CurrencyFilter = Annotated[str | None, QueryParameter(description="Only accounts in this currency")]
+AccountFilter = Annotated[str | None, QueryParameter(description="Transfers debiting or crediting this account")]
+StatusFilter = Annotated[str | None, QueryParameter(description="posted, pending, voided, expired or rejected")]
+AsOf = Annotated[str | None, QueryParameter(description="RFC 3339; default now")]
+From = Annotated[str | None, QueryParameter(name="from", description="RFC 3339, inclusive")]
+To = Annotated[str | None, QueryParameter(name="to", description="RFC 3339, inclusive")]
 
 
 def _timestamp(field: str, value: str | None) -> datetime | None:
@@ -49,14 +55,18 @@ def _timestamp(field: str, value: str | None) -> datetime | None:
 
 def _query_identifier(field: str, value: str | None) -> str | None:
     if value is not None and not IDENTIFIER_RE.fullmatch(value):
-        raise InvalidRequest(f"`{field}` is not a valid identifier", [{"field": field, "message": "not a valid identifier"}])
+        raise InvalidRequest(
+            f"`{field}` is not a valid identifier", [{"field": field, "message": "not a valid identifier"}]
+        )
     return value
 
 
 def _page_size(state: State, limit: int) -> int:
     maximum = state.settings.max_page_size
     if limit > maximum:
-        raise InvalidRequest(f"`limit` must be at most {maximum}", [{"field": "limit", "message": f"at most {maximum}"}])
+        raise InvalidRequest(
+            f"`limit` must be at most {maximum}", [{"field": "limit", "message": f"at most {maximum}"}]
+        )
     return limit
 
 
@@ -65,7 +75,7 @@ class AccountController(Controller):
     tags = ["accounts"]
 
     @post("/", operation_id="createAccount", status_code=201)
-    async def create_account(self, request: Request, state: State, data: AccountCreate) -> Response[AccountOut]:
+    async def create_account(self, request: Request, state: State, data: JSONBody[AccountCreate]) -> Response[AccountOut]:
         """Open an account. Same `id` and same fields: 200 with the stored account and
         `Idempotent-Replayed: true`; same `id`, other fields: 409."""
         body = await decode_strict(request, AccountCreate)
@@ -77,21 +87,27 @@ class AccountController(Controller):
             metadata=body.metadata,
         )
         if outcome.created:
-            return Response(account_out(outcome.account), status_code=201, headers={"Location": f"/v1/accounts/{outcome.account.id}"})
+            return Response(
+                account_out(outcome.account),
+                status_code=201,
+                headers={"Location": f"/v1/accounts/{outcome.account.id}"},
+            )
         return Response(account_out(outcome.account), status_code=200, headers=REPLAYED)
 
     @get("/", operation_id="listAccounts")
     async def list_accounts(
-        self, state: State, limit: Limit, cursor: Cursor, currency: str | None = None
+        self, state: State, limit: Limit = 100, cursor: Cursor = None, currency: CurrencyFilter = None
     ) -> AccountPage:
         """Accounts ordered by id, keyset-paginated."""
         if currency is not None and not CURRENCY_RE.fullmatch(currency):
-            raise InvalidRequest("`currency` must be three upper-case letters", [{"field": "currency", "message": "^[A-Z]{3}$"}])
+            raise InvalidRequest(
+                "`currency` must be three upper-case letters", [{"field": "currency", "message": "^[A-Z]{3}$"}]
+            )
         page = await state.ledger.queries.accounts(currency=currency, limit=_page_size(state, limit), cursor=cursor)
         return AccountPage(data=[account_out(a) for a in page.items], next_cursor=page.next_cursor)
 
     @get("/{account_id:str}", operation_id="getAccount")
-    async def get_account(self, state: State, account_id: str) -> AccountOut:
+    async def get_account(self, state: State, account_id: AccountId) -> AccountOut:
         """One account with its balances and journal length."""
         if not IDENTIFIER_RE.fullmatch(account_id):
             raise AccountNotFound(f"no account with id {account_id!r}")
@@ -99,7 +115,13 @@ class AccountController(Controller):
 
     @get("/{account_id:str}/entries", operation_id="listAccountEntries")
     async def list_entries(
-        self, state: State, account_id: str, limit: Limit, cursor: Cursor, start: From, end: To
+        self,
+        state: State,
+        account_id: AccountId,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+        start: From = None,
+        end: To = None,
     ) -> EntryPage:
         """The account's journal, oldest first: sequence 1, 2, 3... with no gaps."""
         if not IDENTIFIER_RE.fullmatch(account_id):
@@ -117,8 +139,8 @@ class AccountController(Controller):
     async def get_balance(
         self,
         state: State,
-        account_id: str,
-        as_of: Annotated[str | None, Parameter(default=None, description="RFC 3339; default now")],
+        account_id: AccountId,
+        as_of: AsOf = None,
     ) -> AccountBalanceOut:
         """The posted balance after the last entry at or before `as_of`."""
         if not IDENTIFIER_RE.fullmatch(account_id):
@@ -142,7 +164,7 @@ class TransferController(Controller):
     tags = ["transfers"]
 
     @post("/", operation_id="createTransfer", status_code=201)
-    async def create_transfer(self, request: Request, state: State, data: TransferCreate) -> Response[TransferOut]:
+    async def create_transfer(self, request: Request, state: State, data: JSONBody[TransferCreate]) -> Response[TransferOut]:
         """Apply a transfer once per `id`. A repeat returns the original status and body
         with `Idempotent-Replayed: true`; refusals (404/422) are recorded and replayed too."""
         body = await decode_strict(request, TransferCreate)
@@ -170,17 +192,18 @@ class TransferController(Controller):
     async def list_transfers(
         self,
         state: State,
-        limit: Limit,
-        cursor: Cursor,
-        start: From,
-        end: To,
-        account_id: str | None = None,
-        status: str | None = None,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+        start: From = None,
+        end: To = None,
+        account_id: AccountFilter = None,
+        status: StatusFilter = None,
     ) -> TransferPage:
         """Transfers oldest first (rejected ones included), filtered and keyset-paginated."""
         if status is not None and status not in TRANSFER_STATUSES:
             raise InvalidRequest(
-                f"`status` must be one of {', '.join(TRANSFER_STATUSES)}", [{"field": "status", "message": "unknown status"}]
+                f"`status` must be one of {', '.join(TRANSFER_STATUSES)}",
+                [{"field": "status", "message": "unknown status"}],
             )
         page = await state.ledger.queries.transfers(
             account_id=_query_identifier("account_id", account_id),
@@ -193,7 +216,7 @@ class TransferController(Controller):
         return TransferPage(data=[transfer_out(t) for t in page.items], next_cursor=page.next_cursor)
 
     @get("/{transfer_id:str}", operation_id="getTransfer")
-    async def get_transfer(self, state: State, transfer_id: str) -> TransferOut:
+    async def get_transfer(self, state: State, transfer_id: TransferId) -> TransferOut:
         """A transfer in its current state, rejected ones included."""
         if not IDENTIFIER_RE.fullmatch(transfer_id):
             raise TransferNotFound(f"no transfer with id {transfer_id!r}")

@@ -1,0 +1,119 @@
+"""Shared fixtures: a real PostgreSQL (see tests/provision.py), a migrated database for
+the session, the app in-process, and a real server process for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger import migrate
+from ledger.database import create_engine
+from ledger.http.app import create_app
+from ledger.settings import Settings
+from tests import provision
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with provision.postgres_server(tmp_path_factory.mktemp("embedded-postgres")) as (url, source):
+        print(f"\ntests use PostgreSQL from {source}", file=sys.stderr)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    """A fresh database for this test session, migrated to head."""
+    url = provision.create_database(postgres_server_url)
+    migrate.upgrade(url)
+    yield url
+    provision.drop_database(postgres_server_url, url)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, pool_size=20, max_overflow=10, retry_after_seconds=1)
+
+
+@pytest.fixture(scope="session")
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """Direct database access, for checking what the service wrote."""
+    engine = create_engine(settings)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
+    """The app in-process (lifespan included), for integration tests over HTTP semantics."""
+    async with AsyncTestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def uid() -> str:
+    """A prefix unique to the test, so tests share the database without sharing rows."""
+    return secrets.token_hex(4)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def server_url(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `ledger serve` process over HTTP, on the session's database."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    environment = {
+        **os.environ,
+        "LEDGER_DATABASE_URL": database_url,
+        "LEDGER_POOL_SIZE": "30",
+        "LEDGER_MAX_OVERFLOW": "10",
+        "LEDGER_LOG_LEVEL": "warning",
+    }
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ledger", "serve", "--port", str(port)],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPOSITORY,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"ledger serve exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{base_url}/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"ledger serve did not become ready:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    yield base_url
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("ledger serve did not stop within 20 s of SIGTERM")
+    output = log_path.read_text()
+    assert "Traceback" not in output, f"the server logged an unhandled error:\n{output}"
