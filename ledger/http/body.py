@@ -38,3 +38,5 @@ async def decode_strict(request: Request, kind: type[T]) -> T:
         ) from error
     except msgspec.DecodeError as error:
         raise InvalidRequest(f"the body is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise InvalidRequest("the JSON body is nested too deeply") from error

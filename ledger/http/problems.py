@@ -139,8 +139,15 @@ def internal_error_handler(request: Request, error: Exception) -> Response[bytes
     return problem_response(500, "internal_error", "Internal error", "an unexpected error occurred; it has been logged")
 
 
+def recursion_error_handler(request: Request, error: RecursionError) -> Response[bytes]:
+    # msgspec gives up on absurdly deep JSON (thousands of nested arrays) with a
+    # RecursionError while Litestar decodes the body: that is the client's input, a 400.
+    return problem_response(400, "validation_error", "The request is not valid", "the JSON body is nested too deeply")
+
+
 EXCEPTION_HANDLERS = {
     LedgerError: ledger_error_handler,
+    RecursionError: recursion_error_handler,
     ValidationException: validation_exception_handler,
     HTTPException: http_exception_handler,
     Exception: internal_error_handler,

@@ -14,6 +14,8 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
+# Names are wrapped in op.f(): they are final, so the naming convention of the models'
+# metadata (which Alembic applies to operations) must not prefix them a second time.
 IDENTIFIER = "^[A-Za-z0-9._:-]{1,64}$"
 CURRENCY = "^[A-Z]{3}$"
 TIMESTAMP = postgresql.TIMESTAMP(timezone=True)
@@ -36,21 +38,21 @@ def upgrade() -> None:
         sa.Column("last_entry_at", TIMESTAMP, nullable=True),
         sa.Column("created_at", TIMESTAMP, server_default=sa.text("now()"), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_accounts"),
-        sa.CheckConstraint(f"id ~ '{IDENTIFIER}'", name="ck_accounts_id_format"),
-        sa.CheckConstraint(f"currency ~ '{CURRENCY}'", name="ck_accounts_currency_format"),
-        sa.CheckConstraint("char_length(name) BETWEEN 1 AND 256", name="ck_accounts_name_length"),
-        sa.CheckConstraint("jsonb_typeof(metadata) = 'object'", name="ck_accounts_metadata_object"),
+        sa.CheckConstraint(f"id ~ '{IDENTIFIER}'", name=op.f("ck_accounts_id_format")),
+        sa.CheckConstraint(f"currency ~ '{CURRENCY}'", name=op.f("ck_accounts_currency_format")),
+        sa.CheckConstraint("char_length(name) BETWEEN 1 AND 256", name=op.f("ck_accounts_name_length")),
+        sa.CheckConstraint("jsonb_typeof(metadata) = 'object'", name=op.f("ck_accounts_metadata_object")),
         sa.CheckConstraint(
             "debits_posted >= 0 AND credits_posted >= 0 AND pending_debits >= 0 AND pending_credits >= 0",
-            name="ck_accounts_totals_not_negative",
+            name=op.f("ck_accounts_totals_not_negative"),
         ),
-        sa.CheckConstraint("entries_count >= 0", name="ck_accounts_entries_count_not_negative"),
+        sa.CheckConstraint("entries_count >= 0", name=op.f("ck_accounts_entries_count_not_negative")),
         sa.CheckConstraint(
             "allow_negative_balance OR credits_posted::numeric - debits_posted - pending_debits >= 0",
-            name="ck_accounts_balance_not_negative",
+            name=op.f("ck_accounts_balance_not_negative"),
         ),
         sa.CheckConstraint(
-            "last_entry_hash IS NULL OR octet_length(last_entry_hash) = 32", name="ck_accounts_last_entry_hash_length"
+            "last_entry_hash IS NULL OR octet_length(last_entry_hash) = 32", name=op.f("ck_accounts_last_entry_hash_length")
         ),
     )
     op.create_index("ix_accounts_currency_id", "accounts", ["currency", "id"])
@@ -71,21 +73,21 @@ def upgrade() -> None:
         sa.Column("created_at", TIMESTAMP, nullable=False),
         sa.Column("updated_at", TIMESTAMP, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_transfers"),
-        sa.CheckConstraint(f"id ~ '{IDENTIFIER}'", name="ck_transfers_id_format"),
-        sa.CheckConstraint("amount > 0", name="ck_transfers_amount_positive"),
-        sa.CheckConstraint(f"currency ~ '{CURRENCY}'", name="ck_transfers_currency_format"),
+        sa.CheckConstraint(f"id ~ '{IDENTIFIER}'", name=op.f("ck_transfers_id_format")),
+        sa.CheckConstraint("amount > 0", name=op.f("ck_transfers_amount_positive")),
+        sa.CheckConstraint(f"currency ~ '{CURRENCY}'", name=op.f("ck_transfers_currency_format")),
         sa.CheckConstraint(
-            "status IN ('posted', 'pending', 'voided', 'expired', 'rejected')", name="ck_transfers_status_known"
+            "status IN ('posted', 'pending', 'voided', 'expired', 'rejected')", name=op.f("ck_transfers_status_known")
         ),
-        sa.CheckConstraint("(status = 'rejected') = (code IS NOT NULL)", name="ck_transfers_code_iff_rejected"),
+        sa.CheckConstraint("(status = 'rejected') = (code IS NOT NULL)", name=op.f("ck_transfers_code_iff_rejected")),
         sa.CheckConstraint(
-            "status = 'rejected' OR debit_account_id <> credit_account_id", name="ck_transfers_accounts_different"
+            "status = 'rejected' OR debit_account_id <> credit_account_id", name=op.f("ck_transfers_accounts_different")
         ),
-        sa.CheckConstraint("status = 'rejected' OR currency IS NOT NULL", name="ck_transfers_currency_when_applied"),
-        sa.CheckConstraint("char_length(description) <= 512", name="ck_transfers_description_length"),
-        sa.CheckConstraint("jsonb_typeof(metadata) = 'object'", name="ck_transfers_metadata_object"),
-        sa.CheckConstraint("octet_length(request_hash) = 32", name="ck_transfers_request_hash_length"),
-        sa.CheckConstraint("updated_at >= created_at", name="ck_transfers_updated_after_created"),
+        sa.CheckConstraint("status = 'rejected' OR currency IS NOT NULL", name=op.f("ck_transfers_currency_when_applied")),
+        sa.CheckConstraint("char_length(description) <= 512", name=op.f("ck_transfers_description_length")),
+        sa.CheckConstraint("jsonb_typeof(metadata) = 'object'", name=op.f("ck_transfers_metadata_object")),
+        sa.CheckConstraint("octet_length(request_hash) = 32", name=op.f("ck_transfers_request_hash_length")),
+        sa.CheckConstraint("updated_at >= created_at", name=op.f("ck_transfers_updated_after_created")),
     )
     op.create_index("ix_transfers_created_at_id", "transfers", ["created_at", "id"])
     op.create_index("ix_transfers_debit_account_id_created_at_id", "transfers", ["debit_account_id", "created_at", "id"])
@@ -106,9 +108,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name="fk_entries_account_id_accounts"),
         sa.ForeignKeyConstraint(["transfer_id"], ["transfers.id"], name="fk_entries_transfer_id_transfers"),
         sa.UniqueConstraint("transfer_id", "account_id", name="uq_entries_transfer_id_account_id"),
-        sa.CheckConstraint("sequence >= 1", name="ck_entries_sequence_positive"),
-        sa.CheckConstraint("amount <> 0", name="ck_entries_amount_not_zero"),
-        sa.CheckConstraint("octet_length(hash) = 32", name="ck_entries_hash_length"),
+        sa.CheckConstraint("sequence >= 1", name=op.f("ck_entries_sequence_positive")),
+        sa.CheckConstraint("amount <> 0", name=op.f("ck_entries_amount_not_zero")),
+        sa.CheckConstraint("octet_length(hash) = 32", name=op.f("ck_entries_hash_length")),
     )
     op.create_index("ix_entries_account_id_created_at_sequence", "entries", ["account_id", "created_at", "sequence"])
 

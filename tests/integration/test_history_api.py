@@ -1,0 +1,82 @@
+"""An account's journal and its balance as of an instant, as auditors read them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from litestar.testing import AsyncTestClient
+
+from ledger.domain import entry_hash
+from tests.integration.helpers import assert_problem, open_account, transfer
+
+
+async def test_the_journal_pages_gap_free_with_running_balances_and_a_hash_chain(client: AsyncTestClient, uid: str) -> None:
+    """Seven transfers in and out, read 3 per page: sequences 1..7, each balance_after is
+    the running sum, and each hash recomputes from the documented canonical form and the
+    previous entry's hash."""
+    await open_account(client, f"bank-{uid}", negative=True)
+    await open_account(client, f"dave-{uid}")
+    amounts = [500, -100, 200, -50, 25, -575, 1]
+    for i, amount in enumerate(amounts):
+        debit, credit = (f"bank-{uid}", f"dave-{uid}") if amount > 0 else (f"dave-{uid}", f"bank-{uid}")
+        assert (await transfer(client, f"h{i}-{uid}", debit, credit, abs(amount))).status_code == 201
+
+    entries, cursor = [], None
+    while True:
+        params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        page = (await client.get(f"/v1/accounts/dave-{uid}/entries", params=params)).json()
+        assert len(page["data"]) <= 3
+        entries += page["data"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert [e["sequence"] for e in entries] == list(range(1, 8))
+    assert [e["amount"] for e in entries] == amounts
+    running, previous = 0, None
+    for entry in entries:
+        running += entry["amount"]
+        assert entry["balance_after"] == running
+        created_at = datetime.fromisoformat(entry["created_at"])
+        expected = entry_hash(previous, f"dave-{uid}", entry["sequence"], entry["transfer_id"], entry["amount"], running, created_at)
+        assert entry["hash"] == expected.hex()
+        previous = expected
+    assert (await client.get(f"/v1/accounts/dave-{uid}")).json()["balance"]["posted"] == running == 1
+
+
+async def test_entries_filter_by_time_and_unknown_accounts_are_404(client: AsyncTestClient, uid: str) -> None:
+    await open_account(client, f"bank-{uid}", negative=True)
+    await open_account(client, f"erin-{uid}")
+    for i in range(4):
+        await transfer(client, f"f{i}-{uid}", f"bank-{uid}", f"erin-{uid}", 10)
+    everything = (await client.get(f"/v1/accounts/erin-{uid}/entries")).json()["data"]
+    window = (
+        await client.get(
+            f"/v1/accounts/erin-{uid}/entries", params={"from": everything[1]["created_at"], "to": everything[2]["created_at"]}
+        )
+    ).json()["data"]
+    assert [e["sequence"] for e in window] == [2, 3]
+    assert (await client.get(f"/v1/accounts/erin-{uid}/entries?limit=1")).json()["next_cursor"] is not None
+    assert_problem(await client.get(f"/v1/accounts/nobody-{uid}/entries"), 404, "account_not_found")
+
+
+async def test_balance_as_of_an_instant_is_the_balance_after_the_last_entry_by_then(client: AsyncTestClient, uid: str) -> None:
+    """Before the first entry: 0 at sequence 0; at each entry's time: that entry's
+    balance_after; without as_of: the current balance."""
+    await open_account(client, f"bank-{uid}", negative=True)
+    account = await open_account(client, f"fay-{uid}")
+    for i, amount in enumerate((300, 200, 100)):
+        await transfer(client, f"b{i}-{uid}", f"bank-{uid}", f"fay-{uid}", amount)
+    entries = (await client.get(f"/v1/accounts/fay-{uid}/entries")).json()["data"]
+
+    before = (await client.get(f"/v1/accounts/fay-{uid}/balance", params={"as_of": account["created_at"]})).json()
+    assert before["posted"] == 0 and before["sequence"] == 0
+    for entry in entries:
+        balance = (await client.get(f"/v1/accounts/fay-{uid}/balance", params={"as_of": entry["created_at"]})).json()
+        assert (balance["posted"], balance["sequence"]) == (entry["balance_after"], entry["sequence"])
+        assert balance["as_of"] == entry["created_at"] and balance["account_id"] == f"fay-{uid}"
+    now = (await client.get(f"/v1/accounts/fay-{uid}/balance")).json()
+    assert (now["posted"], now["sequence"]) == (600, 3)
+
+    assert_problem(await client.get(f"/v1/accounts/fay-{uid}/balance", params={"as_of": "yesterday"}), 400, "validation_error")
+    assert_problem(await client.get(f"/v1/accounts/fay-{uid}/balance", params={"as_of": "2026-01-01T00:00:00"}), 400, "validation_error")
+    assert_problem(await client.get(f"/v1/accounts/nobody-{uid}/balance"), 404, "account_not_found")
