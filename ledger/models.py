@@ -64,7 +64,9 @@ class Account(Base):
     currency: Mapped[str] = mapped_column(Text, nullable=False)
     name: Mapped[str | None] = mapped_column(Text, nullable=True)
     allow_negative_balance: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
-    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    metadata_: Mapped[dict[str, str]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
     debits_posted: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     credits_posted: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     pending_debits: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
@@ -113,7 +115,9 @@ class Transfer(Base):
     status: Mapped[str] = mapped_column(Text, nullable=False)
     code: Mapped[str | None] = mapped_column(Text, nullable=True)
     description: Mapped[str | None] = mapped_column(Text, nullable=True)
-    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    metadata_: Mapped[dict[str, str]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
     # SHA-256 of the request's canonical form: a repeat under the same id is a replay
     # only when this matches, otherwise it is a conflict (409).
     request_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)

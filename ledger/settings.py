@@ -7,9 +7,9 @@ so an operator can see and tune all of them in one place and the README can list
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping
 
 
 class SettingsError(ValueError):

@@ -33,9 +33,11 @@ async def read_without_for_update(
     session: AsyncSession, account_ids: Iterable[str]
 ) -> tuple[dict[str, LockedAccount], datetime]:
     """Ordered, but a plain SELECT: two transfers decide on the same stale balance."""
-    statement = select(*LOCKED_COLUMNS, func.clock_timestamp().label("now")).where(
-        Account.id.in_(sorted(set(account_ids)))
-    ).order_by(Account.id)
+    statement = (
+        select(*LOCKED_COLUMNS, func.clock_timestamp().label("now"))
+        .where(Account.id.in_(sorted(set(account_ids))))
+        .order_by(Account.id)
+    )
     rows = (await session.execute(statement)).mappings().all()
     now = rows[0]["now"] if rows else (await session.execute(select(func.clock_timestamp()))).scalar_one()
     return {row["id"]: locked_account(row) for row in rows}, now

@@ -39,7 +39,9 @@ class ScenarioReport:
     deadlocks_after: int = 0
 
 
-async def post_until_answered(client: httpx.AsyncClient, path: str, body: dict, report: ScenarioReport) -> Answer | None:
+async def post_until_answered(
+    client: httpx.AsyncClient, path: str, body: dict, report: ScenarioReport
+) -> Answer | None:
     """POST, retrying on 503 and on transport errors with the same body: the ledger's
     idempotency makes that safe, and it is what the contract tells clients to do."""
     for attempt in range(MAX_ATTEMPTS):
@@ -94,7 +96,12 @@ async def run_bank_scenario(
             assert response.status_code == 201, response.text
         # Money enters from the house account, which may go negative, as a bank's does.
         for index, customer in enumerate(accounts[1:]):
-            transfer = {"id": f"{prefix}-fund-{index}", "debit_account_id": house, "credit_account_id": customer, "amount": HOUSE_FUNDING}
+            transfer = {
+                "id": f"{prefix}-fund-{index}",
+                "debit_account_id": house,
+                "credit_account_id": customer,
+                "amount": HOUSE_FUNDING,
+            }
             answer = await post_until_answered(client, "/v1/transfers", transfer, report)
             assert answer is not None and answer.status == 201, answer
             report.requested[transfer["id"]] = transfer

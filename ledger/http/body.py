@@ -34,7 +34,8 @@ async def decode_strict(request: Request, kind: type[T]) -> T:
     except msgspec.ValidationError as error:
         errors = field_errors_from_msgspec(str(error))
         raise InvalidRequest(
-            "; ".join(f"{e.field}: {e.message}" for e in errors), [{"field": e.field, "message": e.message} for e in errors]
+            "; ".join(f"{e.field}: {e.message}" for e in errors),
+            [{"field": e.field, "message": e.message} for e in errors],
         ) from error
     except msgspec.DecodeError as error:
         raise InvalidRequest(f"the body is not valid JSON: {error}") from error

@@ -30,7 +30,9 @@ async def ready(state: State) -> Response[Health]:
         return Response(Health(status="unavailable", checks={"database": type(error).__name__}), status_code=503)
     if version != state.schema_head:
         return Response(
-            Health(status="unavailable", checks={"database": "ok", "schema": f"at {version}, expected {state.schema_head}"}),
+            Health(
+                status="unavailable", checks={"database": "ok", "schema": f"at {version}, expected {state.schema_head}"}
+            ),
             status_code=503,
         )
     return Response(Health(status="ok", checks={"database": "ok", "schema": str(version)}), status_code=200)

@@ -71,7 +71,9 @@ def problem_response(
     return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
-def refusal_response(reason: str, detail: str, transfer_id: str, headers: dict[str, str] | None = None) -> Response[bytes]:
+def refusal_response(
+    reason: str, detail: str, transfer_id: str, headers: dict[str, str] | None = None
+) -> Response[bytes]:
     status, title = TransferRefused.REASONS[reason]
     return problem_response(status, reason, title, detail, headers=headers, transfer_id=transfer_id)
 

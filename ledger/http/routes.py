@@ -75,7 +75,9 @@ class AccountController(Controller):
     tags = ["accounts"]
 
     @post("/", operation_id="createAccount", status_code=201)
-    async def create_account(self, request: Request, state: State, data: JSONBody[AccountCreate]) -> Response[AccountOut]:
+    async def create_account(
+        self, request: Request, state: State, data: JSONBody[AccountCreate]
+    ) -> Response[AccountOut]:
         """Open an account. Same `id` and same fields: 200 with the stored account and
         `Idempotent-Replayed: true`; same `id`, other fields: 409."""
         body = await decode_strict(request, AccountCreate)
@@ -164,7 +166,9 @@ class TransferController(Controller):
     tags = ["transfers"]
 
     @post("/", operation_id="createTransfer", status_code=201)
-    async def create_transfer(self, request: Request, state: State, data: JSONBody[TransferCreate]) -> Response[TransferOut]:
+    async def create_transfer(
+        self, request: Request, state: State, data: JSONBody[TransferCreate]
+    ) -> Response[TransferOut]:
         """Apply a transfer once per `id`. A repeat returns the original status and body
         with `Idempotent-Replayed: true`; refusals (404/422) are recorded and replayed too."""
         body = await decode_strict(request, TransferCreate)

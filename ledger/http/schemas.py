@@ -9,7 +9,7 @@ database as a 5xx.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -201,7 +201,7 @@ class Health(msgspec.Struct):
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds, always: `2026-11-24T21:59:03.123456Z`."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_timestamp(field: str, value: str) -> datetime:

@@ -8,8 +8,9 @@ deadlock) cannot form, however the transfers point.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,7 +33,9 @@ LOCKED_COLUMNS = (
 
 
 class AccountLocker(Protocol):
-    async def __call__(self, session: AsyncSession, account_ids: Iterable[str]) -> tuple[dict[str, LockedAccount], datetime]:
+    async def __call__(
+        self, session: AsyncSession, account_ids: Iterable[str]
+    ) -> tuple[dict[str, LockedAccount], datetime]:
         """Lock the existing accounts among `account_ids`; return them and the database clock."""
         ...
 

@@ -28,7 +28,7 @@ def decode_cursor(cursor: str, shape: tuple[type, ...]) -> list[Any]:
         raise InvalidCursor("cursor is not one this service issued") from error
     if not isinstance(key, list) or len(key) != len(shape):
         raise InvalidCursor("cursor is not one this service issued")
-    for value, kind in zip(key, shape):
+    for value, kind in zip(key, shape, strict=True):
         # bool is an int in Python; a cursor never holds one.
         if not isinstance(value, kind) or isinstance(value, bool):
             raise InvalidCursor("cursor is not one this service issued")

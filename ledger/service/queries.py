@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Select, exists, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,7 +29,7 @@ ACCOUNT_COLUMNS = (
 )
 TRANSFER_COLUMNS = tuple(Transfer.__table__.columns)
 ENTRY_COLUMNS = tuple(Entry.__table__.columns)
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _from_microseconds(value: int) -> datetime:
@@ -104,7 +104,9 @@ class LedgerQueries:
         self, account_id: str, *, start: datetime | None, end: datetime | None, limit: int, cursor: str | None
     ) -> Page[EntryRecord]:
         """An account's journal, oldest first, keyset-paginated on sequence."""
-        statement = select(*ENTRY_COLUMNS).where(Entry.account_id == account_id).order_by(Entry.sequence).limit(limit + 1)
+        statement = (
+            select(*ENTRY_COLUMNS).where(Entry.account_id == account_id).order_by(Entry.sequence).limit(limit + 1)
+        )
         if start is not None:
             statement = statement.where(Entry.created_at >= start)
         if end is not None:
@@ -156,6 +158,3 @@ async def _require_account(session: AsyncSession, account_id: str) -> None:
     found = (await session.execute(select(exists().where(Account.id == account_id)))).scalar_one()
     if not found:
         raise AccountNotFound(f"no account with id {account_id!r}")
-
-
-

@@ -27,12 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ledger.domain import TransferPlan, TransferRequest, check_accounts_different, decide_transfer
 from ledger.errors import TransferExistsWithDifferentFields, TransferRefused
 from ledger.models import Transfer
-from ledger.service.queries import TRANSFER_COLUMNS
 from ledger.service.locking import AccountLocker, lock_accounts
+from ledger.service.queries import TRANSFER_COLUMNS
 from ledger.service.records import TransferOutcome, TransferRecord
 from ledger.service.unit_of_work import UnitOfWork, constraint_name, sqlstate
-
-
 
 # The transfer, both journal lines and both account totals, in one round trip. The entries
 # select from the inserted transfer so that they exist only if it does.
@@ -213,4 +211,3 @@ def apply_parameters(request: TransferRequest, plan: TransferPlan, fingerprint: 
         parameters[f"u{index}_entries_count"] = update.entries_count
         parameters[f"u{index}_hash"] = update.last_entry_hash
     return parameters
-

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -83,8 +84,7 @@ def translate(error: BaseException) -> LedgerError | None:
             error.connection_invalidated
             or state.startswith("08")
             or state in UNAVAILABLE_SQLSTATES
-            or isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError))
-            and not state
+            or (isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)) and not state)
         ):
             return DatabaseUnavailable("the database connection failed; retry with the same id")
         return None

@@ -52,7 +52,8 @@ def upgrade() -> None:
             name=op.f("ck_accounts_balance_not_negative"),
         ),
         sa.CheckConstraint(
-            "last_entry_hash IS NULL OR octet_length(last_entry_hash) = 32", name=op.f("ck_accounts_last_entry_hash_length")
+            "last_entry_hash IS NULL OR octet_length(last_entry_hash) = 32",
+            name=op.f("ck_accounts_last_entry_hash_length"),
         ),
     )
     op.create_index("ix_accounts_currency_id", "accounts", ["currency", "id"])
@@ -83,14 +84,18 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "status = 'rejected' OR debit_account_id <> credit_account_id", name=op.f("ck_transfers_accounts_different")
         ),
-        sa.CheckConstraint("status = 'rejected' OR currency IS NOT NULL", name=op.f("ck_transfers_currency_when_applied")),
+        sa.CheckConstraint(
+            "status = 'rejected' OR currency IS NOT NULL", name=op.f("ck_transfers_currency_when_applied")
+        ),
         sa.CheckConstraint("char_length(description) <= 512", name=op.f("ck_transfers_description_length")),
         sa.CheckConstraint("jsonb_typeof(metadata) = 'object'", name=op.f("ck_transfers_metadata_object")),
         sa.CheckConstraint("octet_length(request_hash) = 32", name=op.f("ck_transfers_request_hash_length")),
         sa.CheckConstraint("updated_at >= created_at", name=op.f("ck_transfers_updated_after_created")),
     )
     op.create_index("ix_transfers_created_at_id", "transfers", ["created_at", "id"])
-    op.create_index("ix_transfers_debit_account_id_created_at_id", "transfers", ["debit_account_id", "created_at", "id"])
+    op.create_index(
+        "ix_transfers_debit_account_id_created_at_id", "transfers", ["debit_account_id", "created_at", "id"]
+    )
     op.create_index(
         "ix_transfers_credit_account_id_created_at_id", "transfers", ["credit_account_id", "created_at", "id"]
     )

@@ -15,7 +15,9 @@ from tests.scenario import find_violations, run_bank_scenario
 pytestmark = pytest.mark.slow
 
 
-async def test_64_clients_moving_money_both_ways_keep_every_invariant(server_url: str, engine: AsyncEngine, uid: str) -> None:
+async def test_64_clients_moving_money_both_ways_keep_every_invariant(
+    server_url: str, engine: AsyncEngine, uid: str
+) -> None:
     """64 clients post 2,048 transfers among 5 accounts in both directions (retrying by id
     on 503): money is conserved, no forbidden negative balance, every 201 is stored exactly
     once and every 422 is recorded, journals are gap-free with consistent balance_after,
@@ -29,14 +31,23 @@ async def test_64_clients_moving_money_both_ways_keep_every_invariant(server_url
     assert statuses.count(422) > 0
 
 
-async def test_50_concurrent_posts_of_one_id_apply_once_and_all_agree(server_url: str, engine: AsyncEngine, uid: str) -> None:
+async def test_50_concurrent_posts_of_one_id_apply_once_and_all_agree(
+    server_url: str, engine: AsyncEngine, uid: str
+) -> None:
     """50 simultaneous POSTs of the same transfer: one applies, 49 are replays, every
     answer carries the same status and body, and the money moved once."""
     async with httpx.AsyncClient(base_url=server_url, timeout=30, limits=httpx.Limits(max_connections=50)) as client:
         for name, negative in (("source", True), ("target", False)):
-            response = await client.post("/v1/accounts", json={"id": f"{name}-{uid}", "currency": "USD", "allow_negative_balance": negative})
+            response = await client.post(
+                "/v1/accounts", json={"id": f"{name}-{uid}", "currency": "USD", "allow_negative_balance": negative}
+            )
             assert response.status_code == 201
-        body = {"id": f"race-{uid}", "debit_account_id": f"source-{uid}", "credit_account_id": f"target-{uid}", "amount": 777}
+        body = {
+            "id": f"race-{uid}",
+            "debit_account_id": f"source-{uid}",
+            "credit_account_id": f"target-{uid}",
+            "amount": 777,
+        }
         responses = await asyncio.gather(*(client.post("/v1/transfers", json=body) for _ in range(50)))
         target = (await client.get(f"/v1/accounts/target-{uid}")).json()
 
@@ -46,7 +57,9 @@ async def test_50_concurrent_posts_of_one_id_apply_once_and_all_agree(server_url
     assert replayed.count(False) == 1 and replayed.count(True) == 49
     assert target["balance"]["posted"] == 777 and target["entries_count"] == 1
     async with engine.connect() as connection:
-        count = (await connection.execute(text("SELECT count(*) FROM entries WHERE transfer_id = :id"), {"id": body["id"]})).scalar_one()
+        count = (
+            await connection.execute(text("SELECT count(*) FROM entries WHERE transfer_id = :id"), {"id": body["id"]})
+        ).scalar_one()
     assert count == 2
 
 
@@ -58,11 +71,21 @@ async def test_concurrent_withdrawals_beyond_the_balance_never_overdraw(server_u
         await client.post("/v1/accounts", json={"id": f"bank-{uid}", "currency": "EUR", "allow_negative_balance": True})
         await client.post("/v1/accounts", json={"id": f"wallet-{uid}", "currency": "EUR"})
         await client.post("/v1/accounts", json={"id": f"shop-{uid}", "currency": "EUR"})
-        funding = {"id": f"fund-{uid}", "debit_account_id": f"bank-{uid}", "credit_account_id": f"wallet-{uid}", "amount": 1000}
+        funding = {
+            "id": f"fund-{uid}",
+            "debit_account_id": f"bank-{uid}",
+            "credit_account_id": f"wallet-{uid}",
+            "amount": 1000,
+        }
         assert (await client.post("/v1/transfers", json=funding)).status_code == 201
 
         bodies = [
-            {"id": f"spend-{uid}-{i}", "debit_account_id": f"wallet-{uid}", "credit_account_id": f"shop-{uid}", "amount": 100}
+            {
+                "id": f"spend-{uid}-{i}",
+                "debit_account_id": f"wallet-{uid}",
+                "credit_account_id": f"shop-{uid}",
+                "amount": 100,
+            }
             for i in range(40)
         ]
         responses = await asyncio.gather(*(client.post("/v1/transfers", json=body) for body in bodies))
@@ -74,7 +97,7 @@ async def test_concurrent_withdrawals_beyond_the_balance_never_overdraw(server_u
         entries = (await client.get(f"/v1/accounts/wallet-{uid}/entries")).json()["data"]
         assert min(entry["balance_after"] for entry in entries) >= 0
 
-        for body, first in zip(bodies, responses):
+        for body, first in zip(bodies, responses, strict=True):
             if first.status_code != 422:
                 continue
             assert first.json()["code"] == "insufficient_funds"

@@ -47,7 +47,9 @@ async def test_invalid_transfers_are_400_and_record_nothing(
     problem = assert_problem(response, 400, "validation_error")
     assert problem["errors"] and {"field", "message"} <= set(problem["errors"][0])
     async with engine.connect() as connection:
-        stored = (await connection.execute(text("SELECT count(*) FROM transfers WHERE id = :id"), {"id": f"bad-{uid}"})).scalar()
+        stored = (
+            await connection.execute(text("SELECT count(*) FROM transfers WHERE id = :id"), {"id": f"bad-{uid}"})
+        ).scalar()
     assert stored == 0
     # The id is still free: the same id with a valid body applies.
     assert (await client.post("/v1/transfers", content=transfer_body(uid), headers=JSON)).status_code == 201
@@ -66,7 +68,9 @@ async def test_bodies_that_are_not_json_are_415(client: AsyncTestClient, uid: st
     response = await client.post("/v1/transfers", content=transfer_body(uid), headers={"content-type": "text/plain"})
     assert response.status_code in (400, 415)
     assert response.headers["content-type"].startswith("application/problem+json")
-    form = await client.post("/v1/accounts", content=b'{"currency":"EUR"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    form = await client.post(
+        "/v1/accounts", content=b'{"currency":"EUR"}', headers={"content-type": "application/x-www-form-urlencoded"}
+    )
     assert form.status_code in (400, 415)
 
 

@@ -12,8 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import domain
-from ledger.domain import TransferRequest
 from ledger.database import create_session_factory
+from ledger.domain import TransferRequest
 from ledger.http.app import create_app
 from ledger.service import transfers as transfer_module
 from ledger.service.transfers import TransferService
@@ -94,7 +94,9 @@ async def test_losing_the_race_for_an_id_rolls_back_to_the_savepoint_and_replays
     await open_account(client, f"bank-{uid}", negative=True)
     await open_account(client, f"gina-{uid}")
     service = TransferService(UnitOfWork(create_session_factory(engine), settings))
-    request = TransferRequest(id=f"race-{uid}", debit_account_id=f"bank-{uid}", credit_account_id=f"gina-{uid}", amount=9)
+    request = TransferRequest(
+        id=f"race-{uid}", debit_account_id=f"bank-{uid}", credit_account_id=f"gina-{uid}", amount=9
+    )
     async with engine.connect() as winner:
         transaction = await winner.begin()
         await winner.execute(
@@ -103,7 +105,12 @@ async def test_losing_the_race_for_an_id_rolls_back_to_the_savepoint_and_replays
                 "request_hash, created_at, updated_at) VALUES (:id, :d, :c, 9, 'EUR', 'rejected', 'insufficient_funds', "
                 ":hash, now(), now())"
             ),
-            {"id": request.id, "d": request.debit_account_id, "c": request.credit_account_id, "hash": request.fingerprint()},
+            {
+                "id": request.id,
+                "d": request.debit_account_id,
+                "c": request.credit_account_id,
+                "hash": request.fingerprint(),
+            },
         )
         pending = asyncio.create_task(service.create(request))
         await asyncio.sleep(0.5)

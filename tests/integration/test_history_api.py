@@ -10,7 +10,9 @@ from ledger.domain import entry_hash
 from tests.integration.helpers import assert_problem, open_account, transfer
 
 
-async def test_the_journal_pages_gap_free_with_running_balances_and_a_hash_chain(client: AsyncTestClient, uid: str) -> None:
+async def test_the_journal_pages_gap_free_with_running_balances_and_a_hash_chain(
+    client: AsyncTestClient, uid: str
+) -> None:
     """Seven transfers in and out, read 3 per page: sequences 1..7, each balance_after is
     the running sum, and each hash recomputes from the documented canonical form and the
     previous entry's hash."""
@@ -37,7 +39,9 @@ async def test_the_journal_pages_gap_free_with_running_balances_and_a_hash_chain
         running += entry["amount"]
         assert entry["balance_after"] == running
         created_at = datetime.fromisoformat(entry["created_at"])
-        expected = entry_hash(previous, f"dave-{uid}", entry["sequence"], entry["transfer_id"], entry["amount"], running, created_at)
+        expected = entry_hash(
+            previous, f"dave-{uid}", entry["sequence"], entry["transfer_id"], entry["amount"], running, created_at
+        )
         assert entry["hash"] == expected.hex()
         previous = expected
     assert (await client.get(f"/v1/accounts/dave-{uid}")).json()["balance"]["posted"] == running == 1
@@ -51,7 +55,8 @@ async def test_entries_filter_by_time_and_unknown_accounts_are_404(client: Async
     everything = (await client.get(f"/v1/accounts/erin-{uid}/entries")).json()["data"]
     window = (
         await client.get(
-            f"/v1/accounts/erin-{uid}/entries", params={"from": everything[1]["created_at"], "to": everything[2]["created_at"]}
+            f"/v1/accounts/erin-{uid}/entries",
+            params={"from": everything[1]["created_at"], "to": everything[2]["created_at"]},
         )
     ).json()["data"]
     assert [e["sequence"] for e in window] == [2, 3]
@@ -59,7 +64,9 @@ async def test_entries_filter_by_time_and_unknown_accounts_are_404(client: Async
     assert_problem(await client.get(f"/v1/accounts/nobody-{uid}/entries"), 404, "account_not_found")
 
 
-async def test_balance_as_of_an_instant_is_the_balance_after_the_last_entry_by_then(client: AsyncTestClient, uid: str) -> None:
+async def test_balance_as_of_an_instant_is_the_balance_after_the_last_entry_by_then(
+    client: AsyncTestClient, uid: str
+) -> None:
     """Before the first entry: 0 at sequence 0; at each entry's time: that entry's
     balance_after; without as_of: the current balance."""
     await open_account(client, f"bank-{uid}", negative=True)
@@ -77,6 +84,12 @@ async def test_balance_as_of_an_instant_is_the_balance_after_the_last_entry_by_t
     now = (await client.get(f"/v1/accounts/fay-{uid}/balance")).json()
     assert (now["posted"], now["sequence"]) == (600, 3)
 
-    assert_problem(await client.get(f"/v1/accounts/fay-{uid}/balance", params={"as_of": "yesterday"}), 400, "validation_error")
-    assert_problem(await client.get(f"/v1/accounts/fay-{uid}/balance", params={"as_of": "2026-01-01T00:00:00"}), 400, "validation_error")
+    assert_problem(
+        await client.get(f"/v1/accounts/fay-{uid}/balance", params={"as_of": "yesterday"}), 400, "validation_error"
+    )
+    assert_problem(
+        await client.get(f"/v1/accounts/fay-{uid}/balance", params={"as_of": "2026-01-01T00:00:00"}),
+        400,
+        "validation_error",
+    )
     assert_problem(await client.get(f"/v1/accounts/nobody-{uid}/balance"), 404, "account_not_found")

@@ -30,7 +30,9 @@ async def test_locking_accounts_in_request_order_deadlocks(database_url: str, en
     deadlock, and the scenario's check of pg_stat_database.deadlocks reports it."""
     app = create_app(_settings(database_url), locker=lock_in_request_order)
     async with serving(app) as base_url:
-        report = await run_bank_scenario(base_url, engine, prefix=f"unordered-{uid}", clients=64, transfers=TRANSFERS_UNORDERED)
+        report = await run_bank_scenario(
+            base_url, engine, prefix=f"unordered-{uid}", clients=64, transfers=TRANSFERS_UNORDERED
+        )
     violations = await find_violations(report, engine)
     assert any("deadlocks went from" in v for v in violations), violations
 
@@ -40,7 +42,9 @@ async def test_reading_accounts_without_for_update_is_caught(database_url: str, 
     the scenario sees server errors or corrupted journals and balances."""
     app = create_app(_settings(database_url), locker=read_without_for_update)
     async with serving(app) as base_url:
-        report = await run_bank_scenario(base_url, engine, prefix=f"nolock-{uid}", clients=64, transfers=TRANSFERS_WITHOUT_LOCK)
+        report = await run_bank_scenario(
+            base_url, engine, prefix=f"nolock-{uid}", clients=64, transfers=TRANSFERS_WITHOUT_LOCK
+        )
     violations = await find_violations(report, engine)
     # What breaks first: two transfers compute the same next sequence for an account, and
     # the journal's primary key turns the second into a server error, never silent loss.

@@ -58,7 +58,9 @@ async def _definitions(url: str) -> set[tuple[str, ...]]:
                 )
             )
             indexes = await connection.execute(
-                text("SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
+                text(
+                    "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+                )
             )
             return {tuple(row) for row in constraints} | {tuple(row) for row in indexes}
     finally:
@@ -80,7 +82,9 @@ async def _drift(url: str) -> list:
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(
-                lambda sync: compare_metadata(MigrationContext.configure(sync, opts={"compare_type": True}), Base.metadata)
+                lambda sync: compare_metadata(
+                    MigrationContext.configure(sync, opts={"compare_type": True}), Base.metadata
+                )
             )
     finally:
         await engine.dispose()
@@ -104,7 +108,9 @@ TRANSFER = (
         (TRANSFER, {"id": "z4", "debit": "a", "credit": "b", "amount": 5, "status": "lost", "code": None}),
     ],
 )
-async def test_the_database_refuses_rows_that_break_an_invariant(engine: AsyncEngine, statement: str, parameters: dict) -> None:
+async def test_the_database_refuses_rows_that_break_an_invariant(
+    engine: AsyncEngine, statement: str, parameters: dict
+) -> None:
     """Formats, amount > 0, two different accounts, a code exactly when rejected."""
     async with engine.connect() as connection:
         with pytest.raises(exc.IntegrityError):
@@ -117,7 +123,15 @@ async def test_the_database_refuses_a_negative_balance_and_a_second_outcome(engi
         with pytest.raises(exc.IntegrityError, match="ck_accounts_balance_not_negative"):
             await connection.execute(text("UPDATE accounts SET debits_posted = 1 WHERE id = :id"), {"id": f"n-{uid}"})
         await connection.rollback()
-        parameters = {"id": f"o-{uid}", "debit": "a", "credit": "b", "amount": 5, "status": "rejected", "code": "x", "hash": b"\0" * 32}
+        parameters = {
+            "id": f"o-{uid}",
+            "debit": "a",
+            "credit": "b",
+            "amount": 5,
+            "status": "rejected",
+            "code": "x",
+            "hash": b"\0" * 32,
+        }
         await connection.execute(text(TRANSFER), parameters)
         with pytest.raises(exc.IntegrityError, match="pk_transfers"):
             await connection.execute(text(TRANSFER), parameters)

@@ -10,7 +10,9 @@ from tests.integration.helpers import assert_problem, open_account, transfer
 async def test_a_transfer_moves_money_once_and_replays_identically(client: AsyncTestClient, uid: str) -> None:
     await open_account(client, f"bank-{uid}", negative=True)
     await open_account(client, f"alice-{uid}")
-    first = await transfer(client, f"t-{uid}", f"bank-{uid}", f"alice-{uid}", 1250, description="salary", metadata={"k": "v"})
+    first = await transfer(
+        client, f"t-{uid}", f"bank-{uid}", f"alice-{uid}", 1250, description="salary", metadata={"k": "v"}
+    )
     assert first.status_code == 201
     assert first.headers["location"] == f"/v1/transfers/t-{uid}"
     body = first.json()
@@ -18,7 +20,9 @@ async def test_a_transfer_moves_money_once_and_replays_identically(client: Async
     assert body["amount"] == 1250 and body["pending"] is False and body["reversal_of"] is None
     assert "idempotent-replayed" not in first.headers
 
-    again = await transfer(client, f"t-{uid}", f"bank-{uid}", f"alice-{uid}", 1250, description="salary", metadata={"k": "v"})
+    again = await transfer(
+        client, f"t-{uid}", f"bank-{uid}", f"alice-{uid}", 1250, description="salary", metadata={"k": "v"}
+    )
     assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
     assert again.content == first.content
 

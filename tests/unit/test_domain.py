@@ -3,7 +3,7 @@ request fingerprints."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -17,10 +17,18 @@ from ledger.domain import (
 )
 from ledger.errors import TransferRefused
 
-NOW = datetime(2026, 11, 24, 12, 0, 0, 123456, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 24, 12, 0, 0, 123456, tzinfo=UTC)
 
 
-def account(account_id: str, *, credits: int = 0, debits: int = 0, negative: bool = False, currency: str = "EUR", **extra: object) -> LockedAccount:
+def account(
+    account_id: str,
+    *,
+    credits: int = 0,
+    debits: int = 0,
+    negative: bool = False,
+    currency: str = "EUR",
+    **extra: object,
+) -> LockedAccount:
     values = dict(
         id=account_id,
         currency=currency,
@@ -52,7 +60,9 @@ def refusal(req: TransferRequest, accounts: dict[str, LockedAccount]) -> str:
 def test_a_transfer_debits_one_account_and_credits_the_other_by_the_same_amount() -> None:
     """The plan moves exactly `amount`: the debit entry is -amount, the credit +amount,
     each balance_after is the new posted balance and sequences advance by one."""
-    plan = decide_transfer(request(amount=40), {"a": account("a", credits=100, entries_count=3), "b": account("b")}, NOW)
+    plan = decide_transfer(
+        request(amount=40), {"a": account("a", credits=100, entries_count=3), "b": account("b")}, NOW
+    )
     debit, credit = plan.entries
     assert (debit.account_id, debit.amount, debit.balance_after, debit.sequence) == ("a", -40, 60, 4)
     assert (credit.account_id, credit.amount, credit.balance_after, credit.sequence) == ("b", 40, 40, 1)
@@ -81,7 +91,9 @@ def test_a_transfer_debits_one_account_and_credits_the_other_by_the_same_amount(
         ),
     ],
 )
-def test_each_refusal_has_its_contract_code(req: TransferRequest, accounts: dict[str, LockedAccount], reason: str) -> None:
+def test_each_refusal_has_its_contract_code(
+    req: TransferRequest, accounts: dict[str, LockedAccount], reason: str
+) -> None:
     """Every way a transfer can be refused maps to its stable code."""
     assert refusal(req, accounts) == reason
 
@@ -114,7 +126,15 @@ def test_entry_time_never_goes_back_behind_the_accounts_last_entry() -> None:
 
 def test_the_hash_chain_covers_every_field_and_the_previous_hash() -> None:
     """Changing any hashed field, or the previous hash, changes the entry's hash."""
-    base = dict(previous_hash=b"\x01" * 32, account_id="a", sequence=2, transfer_id="t", amount=-5, balance_after=10, created_at=NOW)
+    base = dict(
+        previous_hash=b"\x01" * 32,
+        account_id="a",
+        sequence=2,
+        transfer_id="t",
+        amount=-5,
+        balance_after=10,
+        created_at=NOW,
+    )
     reference = entry_hash(**base)  # type: ignore[arg-type]
     assert len(reference) == 32 and entry_hash(**base) == reference  # type: ignore[arg-type]
     changes = {
@@ -136,12 +156,18 @@ def test_the_canonical_form_is_the_documented_one() -> None:
 
     expected = hashlib.sha256(b"ledger-entry-v1|a|1|t|5|5|" + str(epoch_microseconds(NOW)).encode() + b"|").digest()
     assert entry_hash(None, "a", 1, "t", 5, 5, NOW) == expected
-    assert epoch_microseconds(datetime(1970, 1, 1, 0, 0, 1, 5, tzinfo=timezone.utc)) == 1_000_005
+    assert epoch_microseconds(datetime(1970, 1, 1, 0, 0, 1, 5, tzinfo=UTC)) == 1_000_005
 
 
 def test_fingerprints_match_for_the_same_request_only() -> None:
     """Defaults and metadata key order do not matter; any field that differs does."""
     same = request(metadata={"x": "1", "y": "2"}).fingerprint()
     assert request(metadata={"y": "2", "x": "1"}, pending=False).fingerprint() == same
-    for change in ({"amount": 101}, {"currency": "EUR"}, {"description": "d"}, {"metadata": {"x": "1"}}, {"credit_account_id": "c"}):
+    for change in (
+        {"amount": 101},
+        {"currency": "EUR"},
+        {"description": "d"},
+        {"metadata": {"x": "1"}},
+        {"credit_account_id": "c"},
+    ):
         assert request(**{"metadata": {"x": "1", "y": "2"}, **change}).fingerprint() != same, change

@@ -6,9 +6,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from ledger.errors import InvalidCursor
 from ledger.http.schemas import AccountCreate, TransferCreate, format_timestamp, parse_timestamp
 from ledger.service.pagination import decode_cursor, encode_cursor
-from ledger.errors import InvalidCursor
 
 VALID = b'{"id":"t-1","debit_account_id":"a","credit_account_id":"b","amount":1}'
 

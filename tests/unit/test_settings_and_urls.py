@@ -34,7 +34,12 @@ def test_libpq_form_round_trips_for_command_line_tools() -> None:
 
 def test_settings_are_read_from_ledger_variables() -> None:
     settings = Settings.from_env(
-        {"LEDGER_POOL_SIZE": "7", "LEDGER_POOL_PRE_PING": "off", "LEDGER_DATA_DIR": "/srv/ledger", "LEDGER_POOL_TIMEOUT_SECONDS": "2.5"}
+        {
+            "LEDGER_POOL_SIZE": "7",
+            "LEDGER_POOL_PRE_PING": "off",
+            "LEDGER_DATA_DIR": "/srv/ledger",
+            "LEDGER_POOL_TIMEOUT_SECONDS": "2.5",
+        }
     )
     assert settings.pool_size == 7 and settings.pool_pre_ping is False
     assert settings.data_dir == Path("/srv/ledger") and settings.pool_timeout_seconds == 2.5
