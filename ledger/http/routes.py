@@ -32,7 +32,7 @@ from ledger.service.records import TransferOutcome
 
 REPLAYED = {"Idempotent-Replayed": "true"}
 
-Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="Page size, 1 to 1000")]
+Limit = Annotated[int | None, QueryParameter(ge=1, le=1000, description="Page size, 1 to 1000 (default 100)")]
 Cursor = Annotated[str | None, QueryParameter(max_length=512, description="Opaque cursor from next_cursor")]
 AccountId = Annotated[str, PathParameter(description="The account's id")]
 TransferId = Annotated[str, PathParameter(description="The transfer's id")]
@@ -61,7 +61,9 @@ def _query_identifier(field: str, value: str | None) -> str | None:
     return value
 
 
-def _page_size(state: State, limit: int) -> int:
+def _page_size(state: State, limit: int | None) -> int:
+    if limit is None:
+        return int(state.settings.default_page_size)
     maximum = state.settings.max_page_size
     if limit > maximum:
         raise InvalidRequest(
@@ -98,7 +100,7 @@ class AccountController(Controller):
 
     @get("/", operation_id="listAccounts")
     async def list_accounts(
-        self, state: State, limit: Limit = 100, cursor: Cursor = None, currency: CurrencyFilter = None
+        self, state: State, limit: Limit = None, cursor: Cursor = None, currency: CurrencyFilter = None
     ) -> AccountPage:
         """Accounts ordered by id, keyset-paginated."""
         if currency is not None and not CURRENCY_RE.fullmatch(currency):
@@ -120,7 +122,7 @@ class AccountController(Controller):
         self,
         state: State,
         account_id: AccountId,
-        limit: Limit = 100,
+        limit: Limit = None,
         cursor: Cursor = None,
         start: From = None,
         end: To = None,
@@ -196,7 +198,7 @@ class TransferController(Controller):
     async def list_transfers(
         self,
         state: State,
-        limit: Limit = 100,
+        limit: Limit = None,
         cursor: Cursor = None,
         start: From = None,
         end: To = None,

@@ -212,4 +212,8 @@ def parse_timestamp(field: str, value: str) -> datetime:
         raise ValueError(f"`{field}` must be an RFC 3339 timestamp such as 2026-11-24T21:59:03.123456Z") from error
     if moment.tzinfo is None:
         raise ValueError(f"`{field}` must carry a time zone offset, e.g. Z")
-    return moment
+    try:
+        # In UTC, as the database compares it; 0001-01-01T00:00:00+14:00 has no UTC form.
+        return moment.astimezone(UTC)
+    except OverflowError as error:
+        raise ValueError(f"`{field}` is out of range") from error

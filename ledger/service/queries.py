@@ -8,7 +8,7 @@ from sqlalchemy import Select, exists, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import epoch_microseconds
-from ledger.errors import AccountNotFound, TransferNotFound
+from ledger.errors import AccountNotFound, InvalidCursor, TransferNotFound
 from ledger.models import Account, Entry, Transfer
 from ledger.service.pagination import decode_cursor, encode_cursor
 from ledger.service.records import AccountRecord, BalanceRecord, EntryRecord, Page, TransferRecord
@@ -90,9 +90,11 @@ class LedgerQueries:
             statement = statement.where(Transfer.created_at <= end)
         if cursor is not None:
             after_us, after_id = decode_cursor(cursor, (int, str))
-            statement = statement.where(
-                tuple_(Transfer.created_at, Transfer.id) > tuple_(_from_microseconds(after_us), after_id)
-            )
+            try:
+                after_time = _from_microseconds(after_us)
+            except OverflowError as error:
+                raise InvalidCursor("cursor is not one this service issued") from error
+            statement = statement.where(tuple_(Transfer.created_at, Transfer.id) > tuple_(after_time, after_id))
         rows = await self._rows(statement)
         items = [TransferRecord.from_row(row) for row in rows[:limit]]
         next_cursor = None

@@ -99,7 +99,6 @@ class UnitOfWork:
     def __init__(self, session_factory: async_sessionmaker[AsyncSession], settings: Settings) -> None:
         self._session_factory = session_factory
         self._settings = settings
-        self.retries = 0  # transactions re-run after 40001/40P01, for tests and metrics
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         attempts = self._settings.max_retries + 1
@@ -110,7 +109,7 @@ class UnitOfWork:
                     return await work(session)
             except Exception as error:
                 if is_retryable(error) and attempt < attempts:
-                    self.retries += 1
+                    logger.info("retrying a transaction after SQLSTATE %s (attempt %d)", sqlstate(error), attempt)
                     await asyncio.sleep(self._backoff_seconds(attempt))
                     continue
                 translated = translate(error)

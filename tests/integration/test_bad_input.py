@@ -7,6 +7,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.service.pagination import encode_cursor
 from tests.integration.helpers import assert_problem, open_account
 
 JSON = {"content-type": "application/json"}
@@ -96,8 +97,32 @@ async def test_invalid_query_parameters_are_400(client: AsyncTestClient, url: st
 
 
 async def test_forged_cursors_are_400(client: AsyncTestClient) -> None:
-    for url in ("/v1/accounts?cursor=forged", "/v1/transfers?cursor=WzFd", "/v1/accounts/x/entries?cursor=WyJ4Il0"):
+    """Cursors are opaque but decodable: whatever a client puts in one is a 400, including
+    values the database driver could not bind (beyond bigint, NUL, beyond year 9999)."""
+    forged = [
+        "/v1/accounts?cursor=forged",
+        "/v1/transfers?cursor=WzFd",
+        "/v1/accounts/x/entries?cursor=WyJ4Il0",
+        "/v1/accounts?cursor=" + encode_cursor(["\u0000"]),
+        "/v1/accounts/x/entries?cursor=" + encode_cursor([10**30]),
+        "/v1/transfers?cursor=" + encode_cursor([2**62, "x"]),
+        "/v1/transfers?cursor=" + encode_cursor([10**30, "x"]),
+    ]
+    for url in forged:
         assert_problem(await client.get(url), 400, "invalid_cursor")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v1/accounts/x/balance?as_of=0001-01-01T00:00:00%2B14:00",
+        "/v1/accounts/x/balance?as_of=9999-12-31T23:59:59-14:00",
+        "/v1/transfers?from=0001-01-01T00:00:00%2B14:00",
+        "/v1/accounts/x/entries?to=9999-12-31T23:59:59-14:00",
+    ],
+)
+async def test_timestamps_without_a_utc_form_are_400(client: AsyncTestClient, url: str) -> None:
+    assert_problem(await client.get(url), 400, "validation_error")
 
 
 async def test_unknown_routes_and_methods_are_problems_too(client: AsyncTestClient) -> None:

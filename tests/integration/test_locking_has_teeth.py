@@ -15,10 +15,9 @@ from tests.servers import serving
 pytestmark = pytest.mark.slow
 
 # Fewer transfers than the end-to-end run: the broken variants stall on deadlock
-# detection (deadlock_timeout, 1 s each) and lock timeouts. One wave of 64 concurrent
-# transfers among 5 accounts already holds opposite pairs, and so deadlocks.
-TRANSFERS_UNORDERED = 64
-TRANSFERS_WITHOUT_LOCK = 200
+# detection and lock timeouts. One wave of 64 concurrent transfers among 5 accounts
+# already holds opposite pairs (so deadlocks) and same-account races (so stale reads).
+TRANSFERS = 64
 
 
 def _settings(database_url: str) -> Settings:
@@ -30,9 +29,7 @@ async def test_locking_accounts_in_request_order_deadlocks(database_url: str, en
     deadlock, and the scenario's check of pg_stat_database.deadlocks reports it."""
     app = create_app(_settings(database_url), locker=lock_in_request_order)
     async with serving(app) as base_url:
-        report = await run_bank_scenario(
-            base_url, engine, prefix=f"unordered-{uid}", clients=64, transfers=TRANSFERS_UNORDERED
-        )
+        report = await run_bank_scenario(base_url, engine, prefix=f"unordered-{uid}", clients=64, transfers=TRANSFERS)
     violations = await find_violations(report, engine)
     assert any("deadlocks went from" in v for v in violations), violations
 
@@ -42,9 +39,7 @@ async def test_reading_accounts_without_for_update_is_caught(database_url: str, 
     the scenario sees server errors or corrupted journals and balances."""
     app = create_app(_settings(database_url), locker=read_without_for_update)
     async with serving(app) as base_url:
-        report = await run_bank_scenario(
-            base_url, engine, prefix=f"nolock-{uid}", clients=64, transfers=TRANSFERS_WITHOUT_LOCK
-        )
+        report = await run_bank_scenario(base_url, engine, prefix=f"nolock-{uid}", clients=64, transfers=TRANSFERS)
     violations = await find_violations(report, engine)
     # What breaks first: two transfers compute the same next sequence for an account, and
     # the journal's primary key turns the second into a server error, never silent loss.
