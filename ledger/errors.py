@@ -4,6 +4,7 @@
     ├── InvalidRequest                      the request cannot be acted on (400)
     │   └── InvalidCursor                   a pagination cursor the service did not issue
     ├── UnsupportedMediaType                a body that is not JSON (415)
+    ├── BatchTooLarge                       more items than a batch may hold (413)
     ├── NotFound                            a resource read by id does not exist (404)
     │   ├── AccountNotFound
     │   └── TransferNotFound
@@ -52,6 +53,11 @@ class UnsupportedMediaType(LedgerError):
     title = "Request bodies must be application/json"
 
 
+class BatchTooLarge(LedgerError):
+    code = "batch_too_large"
+    title = "Too many transfers in one batch"
+
+
 class NotFound(LedgerError):
     code = "not_found"
     title = "Not found"
@@ -95,6 +101,9 @@ class TransferRefused(LedgerError):
         # Not in the contract's list, added because a bigint total can really overflow:
         # refusing is the only answer that neither wraps around nor fails with a 5xx.
         "balance_overflow": (422, "An account total would exceed the largest amount"),
+        # Batches: the other items of a failed linked chain, and a chain left open.
+        "linked_transfer_failed": (422, "Another transfer of the linked chain failed"),
+        "linked_chain_open": (422, "The linked chain is not closed by an unlinked item"),
     }
 
     def __init__(self, reason: str, detail: str) -> None:

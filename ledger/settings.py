@@ -46,6 +46,7 @@ class Settings:
 
     # What a client may send.
     max_body_bytes: int = 1_048_576
+    max_batch_size: int = 1000
     max_page_size: int = 1000
     default_page_size: int = 100
 
@@ -76,6 +77,7 @@ class Settings:
             "lock_timeout_ms": self.lock_timeout_ms,
             "statement_timeout_ms": self.statement_timeout_ms,
             "max_body_bytes": self.max_body_bytes,
+            "max_batch_size": self.max_batch_size,
             "max_page_size": self.max_page_size,
             "default_page_size": self.default_page_size,
         }

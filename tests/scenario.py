@@ -60,6 +60,16 @@ async def post_until_answered(
     return None
 
 
+def batch_answer(result: dict) -> Answer:
+    """A batch item's result as the answer a single request would have had."""
+    transfer = result.get("transfer") or {}
+    if result["status"] == "created" or (result["status"] == "replayed" and transfer.get("status") == "posted"):
+        return Answer(201, transfer, result["status"] == "replayed")
+    if transfer.get("status") == "rejected":
+        return Answer(422, {"code": transfer["code"]}, result["status"] == "replayed")
+    return Answer(409, result, False)
+
+
 async def deadlock_count(engine: AsyncEngine) -> int:
     async with engine.connect() as connection:
         return int(
@@ -81,7 +91,11 @@ async def run_bank_scenario(
     customers: int = 4,
     max_amount: int = 2_500,
     seed: int = 7,
+    batch_clients: int = 0,
+    batch_size: int = 25,
 ) -> ScenarioReport:
+    """Run the scenario. `batch_clients` of the clients post batches of `batch_size`
+    (every third item linked to the next, so chains of two), the others single transfers."""
     rng = random.Random(seed)
     house = f"{prefix}-house"
     accounts = [house] + [f"{prefix}-customer-{i}" for i in range(customers)]
@@ -119,7 +133,7 @@ async def run_bank_scenario(
             report.requested[body["id"]] = body
             queue.put_nowait(body)
 
-        async def worker() -> None:
+        async def single_worker() -> None:
             while True:
                 try:
                     body = queue.get_nowait()
@@ -131,7 +145,24 @@ async def run_bank_scenario(
                 else:
                     report.answers[body["id"]] = answer
 
-        await asyncio.gather(*(worker() for _ in range(clients)))
+        async def batch_worker() -> None:
+            while not queue.empty():
+                bodies = [queue.get_nowait() for _ in range(min(batch_size, queue.qsize()))]
+                items = [
+                    {**body, "linked": index % 3 == 0 and index + 1 < len(bodies)} for index, body in enumerate(bodies)
+                ]
+                answer = await post_until_answered(client, "/v1/transfers/batch", {"transfers": items}, report)
+                if answer is None or answer.status != 200:
+                    for body in bodies:
+                        report.unanswered.append(body["id"])
+                    continue
+                for result in answer.body["results"]:
+                    report.answers[result["id"]] = batch_answer(result)
+
+        workers = [batch_worker() for _ in range(batch_clients)] + [
+            single_worker() for _ in range(clients - batch_clients)
+        ]
+        await asyncio.gather(*workers)
 
     # Backends publish their statistics when idle, at most once a second.
     await asyncio.sleep(2.5)

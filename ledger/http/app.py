@@ -18,6 +18,7 @@ from ledger.http.problems import EXCEPTION_HANDLERS
 from ledger.http.routes import AccountController, TransferController
 from ledger.migrate import head_revision
 from ledger.service.accounts import AccountService
+from ledger.service.batches import BatchService
 from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import LedgerQueries
 from ledger.service.transfers import TransferService
@@ -32,6 +33,7 @@ class Ledger:
     unit_of_work: UnitOfWork
     accounts: AccountService
     transfers: TransferService
+    batches: BatchService
     queries: LedgerQueries
 
 
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
             unit_of_work=unit_of_work,
             accounts=AccountService(unit_of_work),
             transfers=TransferService(unit_of_work, locker),
+            batches=BatchService(unit_of_work, locker),
             queries=LedgerQueries(unit_of_work),
         )
         try:

@@ -10,6 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from ledger.errors import (
+    BatchTooLarge,
     Conflict,
     InvalidRequest,
     LedgerError,
@@ -30,6 +31,7 @@ PROBLEM_TYPE_PREFIX = "urn:ledger:problem:"
 STATUS_BY_ERROR: dict[type[LedgerError], int] = {
     InvalidRequest: 400,
     UnsupportedMediaType: 415,
+    BatchTooLarge: 413,
     NotFound: 404,
     Conflict: 409,
     Unavailable: 503,

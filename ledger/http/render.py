@@ -6,10 +6,12 @@ from ledger.http.schemas import (
     AccountBalanceOut,
     AccountOut,
     Balance,
+    BatchResultOut,
     EntryOut,
     TransferOut,
     format_timestamp,
 )
+from ledger.service.batches import BatchResult
 from ledger.service.records import AccountRecord, BalanceRecord, EntryRecord, TransferRecord
 
 
@@ -89,3 +91,13 @@ def refusal_detail(transfer: TransferRecord) -> str:
     if reason == "balance_overflow":
         return "an account's posted total would exceed 9223372036854775807"
     return f"transfer refused: {reason}"
+
+
+def batch_result_out(result: BatchResult) -> BatchResultOut:
+    return BatchResultOut(
+        index=result.index,
+        id=result.id,
+        status=result.status,  # type: ignore[arg-type]
+        code=result.code,
+        transfer=transfer_out(result.transfer) if result.transfer is not None else None,
+    )

@@ -9,11 +9,11 @@ from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
-from ledger.domain import TransferRequest
-from ledger.errors import AccountNotFound, InvalidRequest, TransferNotFound
+from ledger.domain import BatchItem, TransferRequest
+from ledger.errors import AccountNotFound, BatchTooLarge, InvalidRequest, TransferNotFound
 from ledger.http.body import decode_strict
 from ledger.http.problems import refusal_response
-from ledger.http.render import account_out, balance_out, entry_out, refusal_detail, transfer_out
+from ledger.http.render import account_out, balance_out, batch_result_out, entry_out, refusal_detail, transfer_out
 from ledger.http.schemas import (
     CURRENCY_RE,
     IDENTIFIER_RE,
@@ -21,6 +21,8 @@ from ledger.http.schemas import (
     AccountCreate,
     AccountOut,
     AccountPage,
+    BatchCreate,
+    BatchOut,
     EntryPage,
     TransferCreate,
     TransferOut,
@@ -153,6 +155,20 @@ class AccountController(Controller):
         return balance_out(balance)
 
 
+def _transfer_request(body: TransferCreate) -> TransferRequest:
+    return TransferRequest(
+        id=body.id,
+        debit_account_id=body.debit_account_id,
+        credit_account_id=body.credit_account_id,
+        amount=body.amount,
+        currency=body.currency,
+        pending=body.pending,
+        timeout_seconds=body.timeout_seconds,
+        description=body.description,
+        metadata=body.metadata,
+    )
+
+
 def _transfer_response(outcome: TransferOutcome) -> Response:
     transfer = outcome.transfer
     headers = dict(REPLAYED) if outcome.replayed else {}
@@ -167,6 +183,27 @@ class TransferController(Controller):
     path = "/v1/transfers"
     tags = ["transfers"]
 
+    @post("/batch", operation_id="createTransferBatch", status_code=200)
+    async def create_batch(self, request: Request, state: State, data: JSONBody[BatchCreate]) -> BatchOut:
+        """Apply 1 to 1000 transfers in order, one result per item. Each item keeps the
+        single-transfer guarantees (its own id, its own recorded outcome, replays);
+        `"linked": true` ties an item to the next, and a chain succeeds or fails whole."""
+        body = await decode_strict(request, BatchCreate)
+        if len(body.transfers) > state.settings.max_batch_size:
+            raise BatchTooLarge(
+                f"a batch holds at most {state.settings.max_batch_size} transfers, got {len(body.transfers)}"
+            )
+        items = []
+        for index, item in enumerate(body.transfers):
+            if item.pending:
+                raise InvalidRequest(
+                    "pending (two-phase) transfers are not available in this version",
+                    [{"field": f"transfers[{index}].pending", "message": "not available yet"}],
+                )
+            items.append(BatchItem(request=_transfer_request(item), linked=item.linked))
+        results = await state.ledger.batches.create(items)
+        return BatchOut(results=[batch_result_out(result) for result in results])
+
     @post("/", operation_id="createTransfer", status_code=201)
     async def create_transfer(
         self, request: Request, state: State, data: JSONBody[TransferCreate]
@@ -179,19 +216,7 @@ class TransferController(Controller):
                 "pending (two-phase) transfers are not available in this version",
                 [{"field": "pending", "message": "not available yet"}],
             )
-        outcome = await state.ledger.transfers.create(
-            TransferRequest(
-                id=body.id,
-                debit_account_id=body.debit_account_id,
-                credit_account_id=body.credit_account_id,
-                amount=body.amount,
-                currency=body.currency,
-                pending=body.pending,
-                timeout_seconds=body.timeout_seconds,
-                description=body.description,
-                metadata=body.metadata,
-            )
-        )
+        outcome = await state.ledger.transfers.create(_transfer_request(body))
         return _transfer_response(outcome)
 
     @get("/", operation_id="listTransfers")

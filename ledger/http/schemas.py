@@ -109,6 +109,18 @@ class TransferCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check_metadata(self.metadata)
 
 
+class BatchTransfer(TransferCreate, forbid_unknown_fields=True, kw_only=True):
+    """A batch item: a transfer, plus `linked` to tie it to the next item."""
+
+    linked: bool = False
+
+
+class BatchCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """1 to 1000 transfers, applied in order (over 1000: 413 batch_too_large)."""
+
+    transfers: Annotated[list[BatchTransfer], msgspec.Meta(min_length=1)]
+
+
 class Balance(msgspec.Struct):
     posted: int
     pending_debits: int
@@ -143,6 +155,18 @@ class TransferOut(msgspec.Struct):
     metadata: dict[str, str]
     created_at: str
     updated_at: str
+
+
+class BatchResultOut(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str
+    status: Literal["created", "replayed", "rejected"]
+    code: str | None = None
+    transfer: TransferOut | None = None
+
+
+class BatchOut(msgspec.Struct):
+    results: list[BatchResultOut]
 
 
 class EntryOut(msgspec.Struct):

@@ -62,7 +62,14 @@ def constraint_name(error: BaseException) -> str | None:
     return None
 
 
+class RetryableConflict(Exception):
+    """The service's own reason to re-run a whole unit of work (e.g. ids claimed by
+    concurrent requests faster than a batch could write them)."""
+
+
 def is_retryable(error: BaseException) -> bool:
+    if isinstance(error, RetryableConflict):
+        return True
     return isinstance(error, sa_exc.DBAPIError) and sqlstate(error) in RETRYABLE_SQLSTATES
 
 
@@ -70,6 +77,8 @@ def translate(error: BaseException) -> LedgerError | None:
     """Map an infrastructure failure to the retryable error clients see, or None (a bug)."""
     if isinstance(error, LedgerError):
         return error
+    if isinstance(error, RetryableConflict):
+        return Overloaded(str(error))
     if isinstance(error, sa_exc.TimeoutError):
         return Overloaded("no database connection became free within the pool timeout")
     if isinstance(error, sa_exc.DBAPIError):
@@ -109,7 +118,7 @@ class UnitOfWork:
                     return await work(session)
             except Exception as error:
                 if is_retryable(error) and attempt < attempts:
-                    logger.info("retrying a transaction after SQLSTATE %s (attempt %d)", sqlstate(error), attempt)
+                    logger.info("retrying a transaction after %s (attempt %d)", sqlstate(error) or error, attempt)
                     await asyncio.sleep(self._backoff_seconds(attempt))
                     continue
                 translated = translate(error)

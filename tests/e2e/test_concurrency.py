@@ -31,6 +31,21 @@ async def test_64_clients_moving_money_both_ways_keep_every_invariant(
     assert statuses.count(422) > 0
 
 
+async def test_concurrent_batches_and_single_transfers_never_deadlock_and_conserve_money(
+    server_url: str, engine: AsyncEngine, uid: str
+) -> None:
+    """32 clients post batches of 25 (with linked pairs) while 32 post single transfers,
+    all over the same 5 accounts: the same invariants hold for every item, including the
+    recorded refusals of failed chains, and PostgreSQL detected no deadlock."""
+    report = await run_bank_scenario(
+        server_url, engine, prefix=f"batch-{uid}", clients=64, batch_clients=32, batch_size=25, transfers=2400
+    )
+    violations = await find_violations(report, engine)
+    assert violations == []
+    codes = {answer.body.get("code") for answer in report.answers.values() if answer.status == 422}
+    assert "linked_transfer_failed" in codes, "some chains must have failed, or chains were not exercised"
+
+
 async def test_50_concurrent_posts_of_one_id_apply_once_and_all_agree(
     server_url: str, engine: AsyncEngine, uid: str
 ) -> None:
