@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from ledger.errors import TransferRefused
+from ledger.errors import DecisionRefused, TransferRefused
 
 MAX_AMOUNT = 2**63 - 1  # PostgreSQL bigint
 HASH_VERSION = "ledger-entry-v1"
@@ -63,6 +63,8 @@ class LockedAccount:
     entries_count: int
     last_entry_hash: bytes | None
     last_entry_at: datetime | None
+    # Some pending transfer of this account is past its expiry but not yet released.
+    has_due: bool = False
 
     @property
     def posted(self) -> int:
@@ -83,23 +85,17 @@ class EntryPlan:
 
 
 @dataclass(frozen=True, slots=True)
-class AccountUpdate:
-    id: str
-    debits_posted: int
-    credits_posted: int
-    entries_count: int
-    last_entry_hash: bytes
-    last_entry_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
 class TransferPlan:
-    """Everything a posted transfer writes, decided in memory under the account locks."""
+    """Everything a decided transfer changes, computed in memory under the account locks:
+    its status, the journal entries to append (none for a reservation) and the accounts'
+    states after it."""
 
     currency: str
     created_at: datetime
-    entries: tuple[EntryPlan, EntryPlan]
-    updates: tuple[AccountUpdate, AccountUpdate]
+    status: str  # "posted" | "pending"
+    expires_at: datetime | None
+    entries: tuple[EntryPlan, ...]
+    accounts: tuple[LockedAccount, ...]
 
 
 def check_accounts_different(request: TransferRequest) -> None:
@@ -110,8 +106,16 @@ def check_accounts_different(request: TransferRequest) -> None:
         )
 
 
+def entry_time(now: datetime, *accounts: LockedAccount) -> datetime:
+    """Entries of one account must be ordered in time as they are in sequence, so that a
+    balance "as of" an instant is the balance after a prefix of the journal. The lock
+    orders the transfers; the clock could step back, so never go below the last entry."""
+    return max([now] + [a.last_entry_at for a in accounts if a.last_entry_at is not None])
+
+
 def decide_transfer(request: TransferRequest, accounts: dict[str, LockedAccount], now: datetime) -> TransferPlan:
-    """Decide a single posted transfer, or raise the refusal that will be recorded.
+    """Decide a new transfer (posted, or pending when `request.pending`), or raise the
+    refusal that will be recorded.
 
     `accounts` holds the rows found (and locked) for the two ids; `now` is the database
     clock read after the locks were granted.
@@ -130,44 +134,57 @@ def decide_transfer(request: TransferRequest, accounts: dict[str, LockedAccount]
             f"transfer in {currency} between accounts in {debit.currency} ({debit.id}) and {credit.currency} ({credit.id})",
         )
     amount = request.amount
-    if debit.debits_posted + amount > MAX_AMOUNT or credit.credits_posted + amount > MAX_AMOUNT:
-        raise TransferRefused("balance_overflow", "an account's posted total would exceed 9223372036854775807")
+    if request.pending:
+        overflows = debit.pending_debits + amount > MAX_AMOUNT or credit.pending_credits + amount > MAX_AMOUNT
+    else:
+        overflows = debit.debits_posted + amount > MAX_AMOUNT or credit.credits_posted + amount > MAX_AMOUNT
+    if overflows:
+        raise TransferRefused("balance_overflow", "an account's total would exceed 9223372036854775807")
     if not debit.allow_negative_balance and debit.available - amount < 0:
         raise TransferRefused(
             "insufficient_funds",
             f"account {debit.id!r} has {debit.available} available, the transfer needs {amount}",
         )
 
-    # Entries of one account must be ordered in time as they are in sequence, so that a
-    # balance "as of" an instant is the balance after a prefix of the journal. The lock
-    # orders the transfers; the clock could step back, so never go below the last entry.
-    created_at = max([now] + [a.last_entry_at for a in (debit, credit) if a.last_entry_at is not None])
+    if request.pending:
+        expires_at = now + timedelta(seconds=request.timeout_seconds) if request.timeout_seconds else None
+        return TransferPlan(
+            currency=currency,
+            created_at=now,
+            status="pending",
+            expires_at=expires_at,
+            entries=(),
+            accounts=(
+                replace(debit, pending_debits=debit.pending_debits + amount),
+                replace(credit, pending_credits=credit.pending_credits + amount),
+            ),
+        )
+    created_at = entry_time(now, debit, credit)
+    entries, new_debit, new_credit = post_entries(debit, credit, request.id, amount, created_at)
+    return TransferPlan(currency, created_at, "posted", None, entries, (new_debit, new_credit))
 
-    debit_entry = _entry(debit, request.id, -amount, created_at)
-    credit_entry = _entry(credit, request.id, amount, created_at)
-    return TransferPlan(
-        currency=currency,
-        created_at=created_at,
-        entries=(debit_entry, credit_entry),
-        updates=(
-            AccountUpdate(
-                debit.id,
-                debit.debits_posted + amount,
-                debit.credits_posted,
-                debit_entry.sequence,
-                debit_entry.hash,
-                created_at,
-            ),
-            AccountUpdate(
-                credit.id,
-                credit.debits_posted,
-                credit.credits_posted + amount,
-                credit_entry.sequence,
-                credit_entry.hash,
-                created_at,
-            ),
-        ),
+
+def post_entries(
+    debit: LockedAccount, credit: LockedAccount, transfer_id: str, amount: int, created_at: datetime
+) -> tuple[tuple[EntryPlan, EntryPlan], LockedAccount, LockedAccount]:
+    """The two journal entries of moving `amount` posted, and the accounts after them."""
+    debit_entry = _entry(debit, transfer_id, -amount, created_at)
+    credit_entry = _entry(credit, transfer_id, amount, created_at)
+    new_debit = replace(
+        debit,
+        debits_posted=debit.debits_posted + amount,
+        entries_count=debit_entry.sequence,
+        last_entry_hash=debit_entry.hash,
+        last_entry_at=created_at,
     )
+    new_credit = replace(
+        credit,
+        credits_posted=credit.credits_posted + amount,
+        entries_count=credit_entry.sequence,
+        last_entry_hash=credit_entry.hash,
+        last_entry_at=created_at,
+    )
+    return (debit_entry, credit_entry), new_debit, new_credit
 
 
 def _entry(account: LockedAccount, transfer_id: str, amount: int, created_at: datetime) -> EntryPlan:
@@ -180,6 +197,71 @@ def _entry(account: LockedAccount, transfer_id: str, amount: int, created_at: da
         balance_after=balance_after,
         hash=entry_hash(account.last_entry_hash, account.id, sequence, transfer_id, amount, balance_after, created_at),
     )
+
+
+# -- Two-phase transfers ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTransfer:
+    """The fields of a pending transfer's row that its post, void or expiry needs."""
+
+    id: str
+    debit_account_id: str
+    credit_account_id: str
+    amount: int
+    status: str
+    pending: bool
+    expires_at: datetime | None
+    posted_amount: int | None
+
+
+def is_due(transfer: PendingTransfer, now: datetime) -> bool:
+    return transfer.status == "pending" and transfer.expires_at is not None and transfer.expires_at <= now
+
+
+def release(transfer: PendingTransfer, accounts: dict[str, LockedAccount]) -> tuple[LockedAccount, LockedAccount]:
+    """The accounts after a reservation is released (void or expiry)."""
+    debit = accounts[transfer.debit_account_id]
+    credit = accounts[transfer.credit_account_id]
+    return (
+        replace(debit, pending_debits=debit.pending_debits - transfer.amount),
+        replace(credit, pending_credits=credit.pending_credits - transfer.amount),
+    )
+
+
+def check_decision(transfer: PendingTransfer, decision: str, posted_amount: int | None) -> bool:
+    """Validate a post or void of `transfer`. Return True when it repeats the decision
+    already made (the caller answers as before), False when it is to be made now."""
+    if not transfer.pending or transfer.status == "rejected":
+        raise DecisionRefused("transfer_not_pending", f"transfer {transfer.id!r} is not a pending transfer")
+    if transfer.status == "expired":
+        raise DecisionRefused("pending_transfer_expired", f"transfer {transfer.id!r} expired")
+    if transfer.status == "voided":
+        if decision == "void":
+            return True
+        raise DecisionRefused("pending_transfer_already_voided", f"transfer {transfer.id!r} was voided")
+    if transfer.status == "posted":
+        if decision == "post" and (posted_amount or transfer.amount) == transfer.posted_amount:
+            return True
+        raise DecisionRefused("pending_transfer_already_posted", f"transfer {transfer.id!r} was posted")
+    if decision == "post" and posted_amount is not None and posted_amount > transfer.amount:
+        raise DecisionRefused(
+            "exceeds_pending_amount", f"transfer {transfer.id!r} reserved {transfer.amount}, not {posted_amount}"
+        )
+    return False
+
+
+def decide_post(
+    transfer: PendingTransfer, amount: int, accounts: dict[str, LockedAccount], now: datetime
+) -> TransferPlan:
+    """Post `amount` (at most the reserved amount) of a pending transfer; the rest is released."""
+    debit, credit = release(transfer, accounts)
+    if debit.debits_posted + amount > MAX_AMOUNT or credit.credits_posted + amount > MAX_AMOUNT:
+        raise DecisionRefused("balance_overflow", "an account's posted total would exceed 9223372036854775807")
+    created_at = entry_time(now, debit, credit)
+    entries, new_debit, new_credit = post_entries(debit, credit, transfer.id, amount, created_at)
+    return TransferPlan(debit.currency, created_at, "posted", None, entries, (new_debit, new_credit))
 
 
 def epoch_microseconds(moment: datetime) -> int:
@@ -267,15 +349,8 @@ def chains(items: list[BatchItem]) -> list[tuple[int, int, bool]]:
 
 def apply_plan(accounts: dict[str, LockedAccount], plan: TransferPlan) -> None:
     """Advance the in-memory account states past a decided transfer."""
-    for update in plan.updates:
-        accounts[update.id] = replace(
-            accounts[update.id],
-            debits_posted=update.debits_posted,
-            credits_posted=update.credits_posted,
-            entries_count=update.entries_count,
-            last_entry_hash=update.last_entry_hash,
-            last_entry_at=update.last_entry_at,
-        )
+    for account in plan.accounts:
+        accounts[account.id] = account
 
 
 def decide_batch(

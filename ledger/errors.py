@@ -12,6 +12,7 @@
     │   ├── AccountExistsWithDifferentFields
     │   └── TransferExistsWithDifferentFields
     ├── TransferRefused                     a transfer's recorded refusal (404/422), replayed forever
+    ├── DecisionRefused                     a post, void or reversal that cannot be made (409/422)
     └── Unavailable                         try again later (503, with Retry-After)
         ├── DatabaseUnavailable             the database cannot be reached
         ├── LockTimeout                     an account stayed locked past lock_timeout
@@ -104,6 +105,9 @@ class TransferRefused(LedgerError):
         # Batches: the other items of a failed linked chain, and a chain left open.
         "linked_transfer_failed": (422, "Another transfer of the linked chain failed"),
         "linked_chain_open": (422, "The linked chain is not closed by an unlinked item"),
+        # Reversals: more than what remains reversible, or a transfer that is not posted.
+        "exceeds_reversible_amount": (422, "More than the transfer's reversible amount"),
+        "transfer_not_posted": (422, "Only posted transfers can be reversed"),
     }
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -115,6 +119,30 @@ class TransferRefused(LedgerError):
     @property
     def status(self) -> int:
         return self.REASONS[self.reason][0]
+
+
+class DecisionRefused(LedgerError):
+    """A post or void of a pending transfer that cannot be made. Not an outcome of its
+    own: the transfer keeps its state, and the same request gets the same answer."""
+
+    STATUSES: ClassVar[dict[str, int]] = {
+        "transfer_not_pending": 409,
+        "pending_transfer_expired": 409,
+        "pending_transfer_already_posted": 409,
+        "pending_transfer_already_voided": 409,
+        "exceeds_pending_amount": 422,
+        "balance_overflow": 422,
+    }
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in self.STATUSES:
+            raise ValueError(f"unknown decision refusal {reason!r}")
+        super().__init__(detail)
+        self.reason = reason
+
+    @property
+    def status(self) -> int:
+        return self.STATUSES[self.reason]
 
 
 class Unavailable(LedgerError):

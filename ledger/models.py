@@ -26,6 +26,7 @@ from sqlalchemy import (
     CheckConstraint,
     ForeignKey,
     Index,
+    Integer,
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
@@ -123,10 +124,28 @@ class Transfer(Base):
     request_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    # Two-phase transfers: a reservation may expire; posting may take less than reserved.
+    timeout_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    posted_amount: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Reversals: the transfer a reversal reverses, and how much of this one is reversed.
+    reversal_of: Mapped[str | None] = mapped_column(Text, ForeignKey("transfers.id"), nullable=True)
+    reversed_amount: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
 
     __table_args__ = (
         CheckConstraint(f"id ~ '{IDENTIFIER_PATTERN}'", name="id_format"),
         CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("timeout_seconds BETWEEN 1 AND 2592000", name="timeout_range"),
+        CheckConstraint("(expires_at IS NULL AND timeout_seconds IS NULL) OR pending", name="expiry_only_when_pending"),
+        CheckConstraint("pending OR status IN ('posted', 'rejected')", name="pending_status"),
+        CheckConstraint("posted_amount BETWEEN 1 AND amount", name="posted_amount_range"),
+        CheckConstraint(
+            "(posted_amount IS NOT NULL) = (pending AND status = 'posted')", name="posted_amount_when_posted"
+        ),
+        CheckConstraint(
+            "reversed_amount >= 0 AND reversed_amount <= COALESCE(posted_amount, amount)", name="reversed_amount_range"
+        ),
+        CheckConstraint("reversal_of IS NULL OR NOT pending", name="reversal_not_pending"),
         CheckConstraint(f"currency ~ '{CURRENCY_PATTERN}'", name="currency_format"),
         CheckConstraint("status IN ('posted', 'pending', 'voided', 'expired', 'rejected')", name="status_known"),
         CheckConstraint("(status = 'rejected') = (code IS NOT NULL)", name="code_iff_rejected"),
@@ -139,6 +158,20 @@ class Transfer(Base):
         Index(None, "created_at", "id"),
         Index(None, "debit_account_id", "created_at", "id"),
         Index(None, "credit_account_id", "created_at", "id"),
+        Index("ix_transfers_expires_at", "expires_at", postgresql_where=text("status = 'pending'")),
+        Index(
+            "ix_transfers_debit_account_id_expires_at",
+            "debit_account_id",
+            "expires_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_transfers_credit_account_id_expires_at",
+            "credit_account_id",
+            "expires_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_transfers_reversal_of", "reversal_of", postgresql_where=text("reversal_of IS NOT NULL")),
     )
 
 

@@ -50,6 +50,11 @@ class Settings:
     max_page_size: int = 1000
     default_page_size: int = 100
 
+    # The expiry sweeper: how often it looks for due reservations (0 turns it off; lazy
+    # expiry still applies) and how many it releases per transaction.
+    expiry_sweep_interval_seconds: float = 1.0
+    expiry_sweep_limit: int = 100
+
     # Seconds a client is told to wait in `Retry-After` when the service answers 503.
     retry_after_seconds: int = 1
 
@@ -78,14 +83,23 @@ class Settings:
             "statement_timeout_ms": self.statement_timeout_ms,
             "max_body_bytes": self.max_body_bytes,
             "max_batch_size": self.max_batch_size,
+            "expiry_sweep_limit": self.expiry_sweep_limit,
             "max_page_size": self.max_page_size,
             "default_page_size": self.default_page_size,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(f"LEDGER_{name.upper()} must be positive, got {value}")
-        if self.max_overflow < 0 or self.max_retries < 0 or self.retry_after_seconds < 0:
-            raise SettingsError("LEDGER_MAX_OVERFLOW, LEDGER_MAX_RETRIES and LEDGER_RETRY_AFTER_SECONDS must be >= 0")
+        if (
+            self.max_overflow < 0
+            or self.max_retries < 0
+            or self.retry_after_seconds < 0
+            or self.expiry_sweep_interval_seconds < 0
+        ):
+            raise SettingsError(
+                "LEDGER_MAX_OVERFLOW, LEDGER_MAX_RETRIES, LEDGER_RETRY_AFTER_SECONDS and "
+                "LEDGER_EXPIRY_SWEEP_INTERVAL_SECONDS must be >= 0"
+            )
         if self.default_page_size > self.max_page_size:
             raise SettingsError("LEDGER_DEFAULT_PAGE_SIZE must not exceed LEDGER_MAX_PAGE_SIZE")
         if self.lock_timeout_ms >= self.statement_timeout_ms:

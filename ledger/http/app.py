@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from ledger.http.routes import AccountController, TransferController
 from ledger.migrate import head_revision
 from ledger.service.accounts import AccountService
 from ledger.service.batches import BatchService
+from ledger.service.expiry import run_sweeper
 from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import LedgerQueries
 from ledger.service.transfers import TransferService
@@ -53,9 +56,21 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
             batches=BatchService(unit_of_work, locker),
             queries=LedgerQueries(unit_of_work),
         )
+        sweeper = None
+        if settings.expiry_sweep_interval_seconds > 0:
+            sweeper = asyncio.create_task(
+                run_sweeper(
+                    create_session_factory(engine), settings.expiry_sweep_interval_seconds, settings.expiry_sweep_limit
+                ),
+                name="ledger-expiry-sweeper",
+            )
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             await engine.dispose()
 
     return Litestar(

@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from ledger.errors import (
     BatchTooLarge,
     Conflict,
+    DecisionRefused,
     InvalidRequest,
     LedgerError,
     NotFound,
@@ -81,7 +82,7 @@ def refusal_response(
 
 
 def _status_for(error: LedgerError) -> int:
-    if isinstance(error, TransferRefused):
+    if isinstance(error, (TransferRefused, DecisionRefused)):
         return error.status
     for cls in type(error).__mro__:
         if cls in STATUS_BY_ERROR:
@@ -96,7 +97,7 @@ def ledger_error_handler(request: Request, error: LedgerError) -> Response[bytes
         retry_after = request.app.state.settings.retry_after_seconds
         headers = {"Retry-After": str(retry_after)}
         logger.warning("503 %s on %s %s: %s", error.code, request.method, request.url.path, error.detail)
-    code = error.reason if isinstance(error, TransferRefused) else error.code
+    code = error.reason if isinstance(error, (TransferRefused, DecisionRefused)) else error.code
     errors = [FieldError(**e) for e in error.errors] if isinstance(error, InvalidRequest) and error.errors else None
     return problem_response(status, code, error.title, error.detail, errors=errors, headers=headers)
 

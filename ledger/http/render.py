@@ -43,9 +43,9 @@ def transfer_out(transfer: TransferRecord) -> TransferOut:
         status=transfer.status,  # type: ignore[arg-type]
         code=transfer.code,
         pending=transfer.pending,
-        posted_amount=None,
-        expires_at=None,
-        reversal_of=None,
+        posted_amount=transfer.posted_amount,
+        expires_at=format_timestamp(transfer.expires_at) if transfer.expires_at else None,
+        reversal_of=transfer.reversal_of,
         description=transfer.description,
         metadata=transfer.metadata,
         created_at=format_timestamp(transfer.created_at),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
+import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import JSONBody, PathParameter, QueryParameter
@@ -24,6 +25,8 @@ from ledger.http.schemas import (
     BatchCreate,
     BatchOut,
     EntryPage,
+    PostPending,
+    Reverse,
     TransferCreate,
     TransferOut,
     TransferPage,
@@ -32,6 +35,7 @@ from ledger.http.schemas import (
 from ledger.models import TRANSFER_STATUSES
 from ledger.service.records import TransferOutcome
 
+T = TypeVar("T")
 REPLAYED = {"Idempotent-Replayed": "true"}
 
 Limit = Annotated[int | None, QueryParameter(ge=1, le=1000, description="Page size, 1 to 1000 (default 100)")]
@@ -155,6 +159,17 @@ class AccountController(Controller):
         return balance_out(balance)
 
 
+class VoidPending(msgspec.Struct, forbid_unknown_fields=True):
+    """A void takes no fields; an empty object (or no body) is accepted."""
+
+
+async def _optional_body(request: Request, kind: type[T]) -> T | None:
+    """Post and void may be sent without a body; if there is one, it is decoded strictly."""
+    if not await request.body():
+        return None
+    return await decode_strict(request, kind)
+
+
 def _transfer_request(body: TransferCreate) -> TransferRequest:
     return TransferRequest(
         id=body.id,
@@ -193,14 +208,7 @@ class TransferController(Controller):
             raise BatchTooLarge(
                 f"a batch holds at most {state.settings.max_batch_size} transfers, got {len(body.transfers)}"
             )
-        items = []
-        for index, item in enumerate(body.transfers):
-            if item.pending:
-                raise InvalidRequest(
-                    "pending (two-phase) transfers are not available in this version",
-                    [{"field": f"transfers[{index}].pending", "message": "not available yet"}],
-                )
-            items.append(BatchItem(request=_transfer_request(item), linked=item.linked))
+        items = [BatchItem(request=_transfer_request(item), linked=item.linked) for item in body.transfers]
         results = await state.ledger.batches.create(items)
         return BatchOut(results=[batch_result_out(result) for result in results])
 
@@ -211,13 +219,38 @@ class TransferController(Controller):
         """Apply a transfer once per `id`. A repeat returns the original status and body
         with `Idempotent-Replayed: true`; refusals (404/422) are recorded and replayed too."""
         body = await decode_strict(request, TransferCreate)
-        if body.pending:
-            raise InvalidRequest(
-                "pending (two-phase) transfers are not available in this version",
-                [{"field": "pending", "message": "not available yet"}],
-            )
         outcome = await state.ledger.transfers.create(_transfer_request(body))
         return _transfer_response(outcome)
+
+    @post("/{transfer_id:str}/post", operation_id="postPendingTransfer", status_code=200)
+    async def post_pending(
+        self, request: Request, state: State, transfer_id: TransferId, data: JSONBody[PostPending | None] = None
+    ) -> TransferOut:
+        """Post a pending transfer, fully or partly (the rest is released). Repeating the
+        same post returns the same 200; a different second decision is a 409."""
+        body = await _optional_body(request, PostPending)
+        if not IDENTIFIER_RE.fullmatch(transfer_id):
+            raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+        return transfer_out(await state.ledger.transfers.post(transfer_id, body.amount if body else None))
+
+    @post("/{transfer_id:str}/void", operation_id="voidPendingTransfer", status_code=200)
+    async def void_pending(self, request: Request, state: State, transfer_id: TransferId) -> TransferOut:
+        """Void a pending transfer: its reservation is released. Repeating it returns the same 200."""
+        await _optional_body(request, VoidPending)
+        if not IDENTIFIER_RE.fullmatch(transfer_id):
+            raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+        return transfer_out(await state.ledger.transfers.void(transfer_id))
+
+    @post("/{transfer_id:str}/reverse", operation_id="reverseTransfer", status_code=201)
+    async def reverse(
+        self, request: Request, state: State, transfer_id: TransferId, data: JSONBody[Reverse]
+    ) -> Response[TransferOut]:
+        """Reverse a posted transfer with a new transfer in the opposite direction,
+        idempotent by its own `id`; reversals of one transfer never exceed its posted amount."""
+        body = await decode_strict(request, Reverse)
+        if not IDENTIFIER_RE.fullmatch(transfer_id):
+            raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+        return _transfer_response(await state.ledger.transfers.reverse(transfer_id, body.id, body.amount))
 
     @get("/", operation_id="listTransfers")
     async def list_transfers(

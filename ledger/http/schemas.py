@@ -109,6 +109,23 @@ class TransferCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check_metadata(self.metadata)
 
 
+class PostPending(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Post a pending transfer: all of it, or `amount` of it (the rest is released)."""
+
+    amount: Amount | None = None
+
+
+class Reverse(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Reverse a posted transfer: a new transfer with its own `id`, of `amount` (default:
+    all that is still reversible)."""
+
+    id: Identifier
+    amount: Amount | None = None
+
+    def __post_init__(self) -> None:
+        _check_identifier("id", self.id)
+
+
 class BatchTransfer(TransferCreate, forbid_unknown_fields=True, kw_only=True):
     """A batch item: a transfer, plus `linked` to tie it to the next item."""
 

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.errors import AccountExistsWithDifferentFields
 from ledger.models import Account
-from ledger.service.queries import ACCOUNT_COLUMNS
+from ledger.service.queries import ACCOUNT_COLUMNS, STORED_ACCOUNT_COLUMNS
 from ledger.service.records import AccountOutcome, AccountRecord
 from ledger.service.unit_of_work import UnitOfWork
 
@@ -51,7 +51,7 @@ class AccountService:
                         insert(Account)
                         .values(**{("metadata_" if k == "metadata" else k): v for k, v in fields.items()})
                         .on_conflict_do_nothing(index_elements=[Account.id])
-                        .returning(*ACCOUNT_COLUMNS)
+                        .returning(*STORED_ACCOUNT_COLUMNS)
                     )
                 )
                 .mappings()

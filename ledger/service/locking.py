@@ -1,9 +1,14 @@
-"""How a transfer locks its accounts.
+"""How money-moving transactions lock accounts.
 
 Every code path that locks accounts goes through `lock_accounts`: one
-`SELECT ... FOR UPDATE` over all the ids, ordered by id. Two transfers that share
+`SELECT ... FOR UPDATE` over all the ids, ordered by id. Two transactions that share
 accounts therefore request the locks in the same order, and a cycle of waits (a
 deadlock) cannot form, however the transfers point.
+
+The same statement also locks the other account of every reservation of these accounts
+that is past its expiry, so that the caller can release it (lazy expiry) under the
+locks of both its accounts. Existing transfer rows are only ever locked after accounts,
+except by the sweeper, which never waits for an account (see `ledger.service.expiry`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy import func, select
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import LockedAccount
@@ -31,6 +36,29 @@ LOCKED_COLUMNS = (
     Account.last_entry_at,
 )
 
+DUE = "t.status = 'pending' AND t.expires_at <= clock_timestamp()"
+
+# clock_timestamp() and the due check are read in the outer query, after the inner one
+# was granted its locks: entries get a time later than any entry committed before.
+LOCK = text(
+    f"""
+    SELECT locked.*, clock_timestamp() AS now,
+           EXISTS (SELECT 1 FROM transfers t
+                   WHERE {DUE} AND (t.debit_account_id = locked.id OR t.credit_account_id = locked.id)) AS has_due
+    FROM (
+        SELECT {", ".join(column.key for column in LOCKED_COLUMNS)}
+        FROM accounts
+        WHERE id = ANY(CAST(:ids AS text[]))
+           OR id IN (SELECT unnest(ARRAY[t.debit_account_id, t.credit_account_id]) FROM transfers t
+                     WHERE {DUE} AND (t.debit_account_id = ANY(CAST(:ids AS text[]))
+                                      OR t.credit_account_id = ANY(CAST(:ids AS text[]))))
+        ORDER BY id
+        FOR UPDATE
+    ) AS locked
+    """
+)
+CLOCK = text("SELECT clock_timestamp()")
+
 
 class AccountLocker(Protocol):
     async def __call__(
@@ -42,13 +70,11 @@ class AccountLocker(Protocol):
 
 async def lock_accounts(session: AsyncSession, account_ids: Iterable[str]) -> tuple[dict[str, LockedAccount], datetime]:
     ids = sorted(set(account_ids))
-    locked = select(*LOCKED_COLUMNS).where(Account.id.in_(ids)).order_by(Account.id).with_for_update().subquery()
-    # clock_timestamp() is read in the outer query, after the inner one was granted its
-    # locks: entries get a time later than any entry committed before the lock was held.
-    rows = (await session.execute(select(locked, func.clock_timestamp().label("now")))).mappings().all()
-    now = rows[0]["now"] if rows else (await session.execute(select(func.clock_timestamp()))).scalar_one()
+    rows = (await session.execute(LOCK, {"ids": ids})).mappings().all()
+    now = rows[0]["now"] if rows else (await session.execute(CLOCK)).scalar_one()
     return {row["id"]: locked_account(row) for row in rows}, now
 
 
 def locked_account(row: object) -> LockedAccount:
-    return LockedAccount(**{column.key: row[column.key] for column in LOCKED_COLUMNS})  # type: ignore[index]
+    fields = {column.key: row[column.key] for column in LOCKED_COLUMNS}  # type: ignore[index]
+    return LockedAccount(**fields, has_due=bool(row.get("has_due", False)))  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Select, exists, func, or_, select, tuple_
+from sqlalchemy import BigInteger, ColumnElement, Select, and_, case, cast, exists, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import epoch_microseconds
@@ -14,7 +14,21 @@ from ledger.service.pagination import decode_cursor, encode_cursor
 from ledger.service.records import AccountRecord, BalanceRecord, EntryRecord, Page, TransferRecord
 from ledger.service.unit_of_work import UnitOfWork
 
-ACCOUNT_COLUMNS = (
+
+def _due_reserved(side: ColumnElement) -> ColumnElement:
+    """What the account has reserved on `side` in reservations past expiry but not yet
+    released: reads already treat those funds as free (lazy expiry)."""
+    return func.coalesce(
+        select(func.sum(Transfer.amount))
+        .where(side == Account.id, Transfer.status == "pending", Transfer.expires_at <= func.clock_timestamp())
+        .correlate(Account)
+        .scalar_subquery(),
+        0,
+    )
+
+
+# An account row as stored (a new account has no reservations to net out).
+STORED_ACCOUNT_COLUMNS = (
     Account.id,
     Account.currency,
     Account.name,
@@ -27,7 +41,29 @@ ACCOUNT_COLUMNS = (
     Account.pending_credits,
     Account.entries_count,
 )
-TRANSFER_COLUMNS = tuple(Transfer.__table__.columns)
+# The columns a read returns for an account: pending totals net of due reservations.
+ACCOUNT_COLUMNS = (
+    Account.id,
+    Account.currency,
+    Account.name,
+    Account.allow_negative_balance,
+    Account.metadata_.label("metadata"),
+    Account.created_at,
+    Account.debits_posted,
+    Account.credits_posted,
+    # sum(bigint) is numeric in PostgreSQL: cast back, so balances stay integers.
+    cast(Account.pending_debits - _due_reserved(Transfer.debit_account_id), BigInteger).label("pending_debits"),
+    cast(Account.pending_credits - _due_reserved(Transfer.credit_account_id), BigInteger).label("pending_credits"),
+    Account.entries_count,
+)
+# A reservation past expiry reads as expired even before it is released.
+EFFECTIVE_STATUS = case(
+    (and_(Transfer.status == "pending", Transfer.expires_at <= func.clock_timestamp()), "expired"),
+    else_=Transfer.status,
+)
+TRANSFER_COLUMNS = tuple(
+    EFFECTIVE_STATUS.label("status") if column.key == "status" else column for column in Transfer.__table__.columns
+)
 ENTRY_COLUMNS = tuple(Entry.__table__.columns)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -83,7 +119,7 @@ class LedgerQueries:
                 or_(Transfer.debit_account_id == account_id, Transfer.credit_account_id == account_id)
             )
         if status is not None:
-            statement = statement.where(Transfer.status == status)
+            statement = statement.where(EFFECTIVE_STATUS == status)
         if start is not None:
             statement = statement.where(Transfer.created_at >= start)
         if end is not None:

@@ -64,6 +64,11 @@ class TransferRecord:
     created_at: datetime
     updated_at: datetime
     request_hash: bytes
+    timeout_seconds: int | None = None
+    expires_at: datetime | None = None
+    posted_amount: int | None = None
+    reversal_of: str | None = None
+    reversed_amount: int = 0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TransferRecord:
@@ -81,13 +86,24 @@ class TransferRecord:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             request_hash=row["request_hash"],
+            timeout_seconds=row["timeout_seconds"],
+            expires_at=row["expires_at"],
+            posted_amount=row["posted_amount"],
+            reversal_of=row["reversal_of"],
+            reversed_amount=row["reversed_amount"],
         )
 
     def as_created(self) -> TransferRecord:
         """The transfer as its first answer showed it: a replay returns the original body."""
         if self.status == "rejected":
             return self
-        return replace(self, status="pending" if self.pending else "posted", updated_at=self.created_at)
+        return replace(
+            self,
+            status="pending" if self.pending else "posted",
+            updated_at=self.created_at,
+            posted_amount=None,
+            reversed_amount=0,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,80 +1,51 @@
-"""Applying a transfer: where money moves.
+"""Applying a transfer, and deciding on it later (post, void, reverse): where money moves.
 
-One database transaction per transfer:
+Creating a transfer is one database transaction:
 
 1. Read the id's record. If there is one, this is a replay (same request) or a
    conflict (other fields), and nothing else happens.
-2. Lock both accounts with one ordered `SELECT ... FOR UPDATE` (see `locking`).
+2. Lock both accounts with one ordered `SELECT ... FOR UPDATE` (see `locking`), and
+   release their reservations that are past expiry (lazy expiry, see `expiry`).
 3. In a savepoint, decide in memory (`ledger.domain.decide_transfer`) and write the
-   transfer, its two journal entries and the new account totals in one statement.
+   transfer, its journal entries and the account states in one statement (`writer`).
    A refusal, or a constraint the database enforces (the same invariants again), rolls
    back to the savepoint and the refusal is recorded instead, in the same transaction:
    the id's outcome is permanent either way. Losing a race on the same id (another
-   request with the id committed first) also rolls back to the savepoint, and the
-   winner's outcome is returned.
+   request stored it first) also rolls back to the savepoint, and the winner's outcome
+   is returned.
 4. Commit.
+
+Post, void and reverse lock the accounts first too, then the transfer's row, so they
+serialise with each other and with expiry: one decision wins, the others see it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+from dataclasses import replace
+from datetime import datetime
 
-from sqlalchemy import bindparam, select, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ledger.domain import TransferPlan, TransferRequest, check_accounts_different, decide_transfer
-from ledger.errors import TransferExistsWithDifferentFields, TransferRefused
+from ledger.domain import (
+    PendingTransfer,
+    TransferRequest,
+    check_decision,
+    decide_post,
+    decide_transfer,
+    release,
+)
+from ledger.errors import DecisionRefused, TransferExistsWithDifferentFields, TransferNotFound, TransferRefused
 from ledger.models import Transfer
+from ledger.service.expiry import PENDING_COLUMNS, pending_transfer, release_due
 from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import TRANSFER_COLUMNS
 from ledger.service.records import TransferOutcome, TransferRecord
-from ledger.service.unit_of_work import UnitOfWork, constraint_name, sqlstate
-
-# The transfer, both journal lines and both account totals, in one round trip. The entries
-# select from the inserted transfer so that they exist only if it does.
-APPLY_TRANSFER = text(
-    """
-    WITH new_transfer AS (
-        INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status, code,
-                               description, metadata, request_hash, created_at, updated_at)
-        VALUES (:id, :debit_account_id, :credit_account_id, :amount, :currency, false, 'posted', NULL,
-                :description, :metadata, :request_hash, :created_at, :created_at)
-        RETURNING id
-    ), new_entries AS (
-        INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash)
-        SELECT e.account_id, e.sequence, new_transfer.id, e.amount, e.balance_after, :created_at, e.hash
-        FROM new_transfer,
-             (VALUES (CAST(:e1_account_id AS text), CAST(:e1_sequence AS bigint), CAST(:e1_amount AS bigint),
-                      CAST(:e1_balance_after AS bigint), CAST(:e1_hash AS bytea)),
-                     (:e2_account_id, :e2_sequence, :e2_amount, :e2_balance_after, :e2_hash))
-                 AS e(account_id, sequence, amount, balance_after, hash)
-    )
-    UPDATE accounts
-    SET debits_posted = u.debits_posted,
-        credits_posted = u.credits_posted,
-        entries_count = u.entries_count,
-        last_entry_hash = u.last_entry_hash,
-        last_entry_at = :created_at
-    FROM (VALUES (CAST(:u1_id AS text), CAST(:u1_debits_posted AS bigint), CAST(:u1_credits_posted AS bigint),
-                  CAST(:u1_entries_count AS bigint), CAST(:u1_hash AS bytea)),
-                 (:u2_id, :u2_debits_posted, :u2_credits_posted, :u2_entries_count, :u2_hash))
-         AS u(id, debits_posted, credits_posted, entries_count, last_entry_hash)
-    WHERE accounts.id = u.id
-    """
-).bindparams(bindparam("metadata", type_=JSONB))
-
-RECORD_REJECTION = text(
-    """
-    INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status, code,
-                           description, metadata, request_hash, created_at, updated_at)
-    VALUES (:id, :debit_account_id, :credit_account_id, :amount, :currency, :pending, 'rejected', :code,
-            :description, :metadata, :request_hash, clock_timestamp(), clock_timestamp())
-    ON CONFLICT (id) DO NOTHING
-    RETURNING *
-    """
-).bindparams(bindparam("metadata", type_=JSONB))
+from ledger.service.unit_of_work import UnitOfWork, constraint_name
+from ledger.service.writer import IdsClaimed, Writes, write
 
 # A violated CHECK on these means the database caught what the Python decision should
 # have: the refusal is recorded all the same, and the disagreement is a bug to look at.
@@ -83,11 +54,15 @@ CONSTRAINT_REFUSALS = {
     "ck_transfers_accounts_different": "accounts_must_be_different",
 }
 
+LOCK_TRANSFER = text(f"SELECT {PENDING_COLUMNS}, reversed_amount, currency FROM transfers WHERE id = :id FOR UPDATE")
+
 
 class TransferService:
     def __init__(self, unit_of_work: UnitOfWork, locker: AccountLocker = lock_accounts) -> None:
         self._unit_of_work = unit_of_work
         self._lock = locker
+
+    # -- create ---------------------------------------------------------------------
 
     async def create(self, request: TransferRequest) -> TransferOutcome:
         async def work(session: AsyncSession) -> TransferOutcome:
@@ -103,42 +78,154 @@ class TransferService:
         if existing is not None:
             return replay(existing, fingerprint)
 
+        accounts, now = await self._lock(session, (request.debit_account_id, request.credit_account_id))
+        writes = Writes()
+        await release_due(session, accounts, now, writes)
         try:
             async with session.begin_nested():
-                # Refused before any lock: there is nothing to lock consistently.
-                check_accounts_different(request)
-                accounts, now = await self._lock(session, (request.debit_account_id, request.credit_account_id))
                 plan = decide_transfer(request, accounts, now)
-                await session.execute(APPLY_TRANSFER, apply_parameters(request, plan, fingerprint))
+                writes.new_transfer(
+                    request, status=plan.status, code=None, currency=plan.currency, created_at=plan.created_at,
+                    expires_at=plan.expires_at,
+                )  # fmt: skip
+                writes.plan(request.id, plan)
+                await write(session, writes)
         except TransferRefused as refusal:
-            return await record_rejection(session, request, refusal.reason, fingerprint)
+            return await record_rejection(session, request, refusal.reason, now)
+        except IdsClaimed:
+            return await replay_winner(session, request.id, fingerprint)
         except sa_exc.IntegrityError as error:
-            if sqlstate(error) == "23505" and constraint_name(error) == "pk_transfers":
-                # Another request with this id committed between our read and our insert.
-                winner = await fetch_transfer(session, request.id)
-                assert winner is not None, "a unique violation on the id means a committed row"
-                return replay(winner, fingerprint)
             reason = CONSTRAINT_REFUSALS.get(constraint_name(error) or "")
             if reason is None:
                 raise
-            return await record_rejection(session, request, reason, fingerprint)
+            return await record_rejection(session, request, reason, now)
+        return TransferOutcome(await fetch_transfer(session, request.id) or _missing(request.id), replayed=False)
 
-        record = TransferRecord(
-            id=request.id,
-            debit_account_id=request.debit_account_id,
-            credit_account_id=request.credit_account_id,
-            amount=request.amount,
-            currency=plan.currency,
-            pending=False,
-            status="posted",
-            code=None,
-            description=request.description,
-            metadata=request.metadata or {},
-            created_at=plan.created_at,
-            updated_at=plan.created_at,
-            request_hash=fingerprint,
-        )
-        return TransferOutcome(record, replayed=False)
+    # -- post and void --------------------------------------------------------------
+
+    async def post(self, transfer_id: str, amount: int | None) -> TransferRecord:
+        return await self._decide(transfer_id, "post", amount)
+
+    async def void(self, transfer_id: str) -> TransferRecord:
+        return await self._decide(transfer_id, "void", None)
+
+    async def _decide(self, transfer_id: str, decision: str, amount: int | None) -> TransferRecord:
+        async def work(session: AsyncSession) -> TransferRecord:
+            current = await fetch_transfer(session, transfer_id)
+            if current is None:
+                raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+            accounts, now = await self._lock(session, (current.debit_account_id, current.credit_account_id))
+            writes = Writes()
+            released = await release_due(session, accounts, now, writes)
+            row = (await session.execute(LOCK_TRANSFER, {"id": transfer_id})).mappings().one()
+            pending = pending_transfer(row)
+            if transfer_id in released:
+                pending = _with_status(pending, "expired")
+            try:
+                repeat = check_decision(pending, decision, amount)
+            except DecisionRefused:
+                # An expiry found on the way is kept: commit it, then refuse.
+                await write(session, writes)
+                await session.commit()
+                raise
+            if not repeat:
+                if decision == "post":
+                    posted = amount or pending.amount
+                    plan = decide_post(pending, posted, accounts, now)
+                    writes.plan(transfer_id, plan)
+                    writes.change_transfer(
+                        transfer_id,
+                        status="posted",
+                        posted_amount=posted,
+                        reversed_amount=0,
+                        updated_at=plan.created_at,
+                    )
+                else:
+                    for account in release(pending, accounts):
+                        writes.account(account)
+                    writes.change_transfer(
+                        transfer_id, status="voided", posted_amount=None, reversed_amount=0, updated_at=now
+                    )
+                await write(session, writes)
+            record = await fetch_transfer(session, transfer_id)
+            await session.commit()
+            return record or _missing(transfer_id)
+
+        return await self._unit_of_work.run(work)
+
+    # -- reverse --------------------------------------------------------------------
+
+    async def reverse(self, original_id: str, reversal_id: str, amount: int | None) -> TransferOutcome:
+        """A new posted transfer in the opposite direction, idempotent by its own id."""
+        fingerprint = hashlib.sha256(
+            json.dumps(["reverse", original_id, reversal_id, amount], separators=(",", ":")).encode()
+        ).digest()
+
+        async def work(session: AsyncSession) -> TransferOutcome:
+            existing = await fetch_transfer(session, reversal_id)
+            if existing is not None:
+                return replay(existing, fingerprint)
+            original = await fetch_transfer(session, original_id)
+            if original is None:
+                raise TransferNotFound(f"no transfer with id {original_id!r}")
+            accounts, now = await self._lock(session, (original.debit_account_id, original.credit_account_id))
+            writes = Writes()
+            await release_due(session, accounts, now, writes)
+            row = (await session.execute(LOCK_TRANSFER, {"id": original_id})).mappings().one()
+            posted = row["posted_amount"] if row["pending"] else row["amount"]
+            reversible = posted - row["reversed_amount"] if row["status"] == "posted" else 0
+            resolved = amount if amount is not None else reversible
+            request = TransferRequest(
+                id=reversal_id,
+                debit_account_id=original.credit_account_id,
+                credit_account_id=original.debit_account_id,
+                amount=resolved if resolved > 0 else original.amount,
+                currency=row["currency"],
+                description=f"reversal of {original_id}",
+            )
+            try:
+                async with session.begin_nested():
+                    if row["status"] != "posted":
+                        raise TransferRefused("transfer_not_posted", f"transfer {original_id!r} is {row['status']}")
+                    if resolved <= 0 or resolved > reversible:
+                        raise TransferRefused(
+                            "exceeds_reversible_amount",
+                            f"{reversible} of transfer {original_id!r} can still be reversed",
+                        )
+                    plan = decide_transfer(request, accounts, now)
+                    writes.new_transfer(
+                        request, status="posted", code=None, currency=plan.currency, created_at=plan.created_at,
+                        reversal_of=original_id, request_hash=fingerprint,
+                    )  # fmt: skip
+                    writes.plan(reversal_id, plan)
+                    writes.change_transfer(
+                        original_id,
+                        status=row["status"],
+                        posted_amount=row["posted_amount"],
+                        reversed_amount=row["reversed_amount"] + resolved,
+                        updated_at=plan.created_at,
+                    )
+                    await write(session, writes)
+            except TransferRefused as refusal:
+                outcome = await record_rejection(
+                    session, request, refusal.reason, now, reversal_of=original_id, request_hash=fingerprint
+                )
+            except IdsClaimed:
+                outcome = await replay_winner(session, reversal_id, fingerprint)
+            else:
+                outcome = TransferOutcome(await fetch_transfer(session, reversal_id) or _missing(reversal_id), False)
+            await session.commit()
+            return outcome
+
+        return await self._unit_of_work.run(work)
+
+
+def _with_status(transfer: PendingTransfer, status: str) -> PendingTransfer:
+    return replace(transfer, status=status)
+
+
+def _missing(transfer_id: str) -> TransferRecord:
+    raise AssertionError(f"transfer {transfer_id!r} was just written but cannot be read back")
 
 
 def replay(existing: TransferRecord, fingerprint: bytes) -> TransferOutcome:
@@ -149,65 +236,39 @@ def replay(existing: TransferRecord, fingerprint: bytes) -> TransferOutcome:
     return TransferOutcome(existing.as_created(), replayed=True)
 
 
+async def replay_winner(session: AsyncSession, transfer_id: str, fingerprint: bytes) -> TransferOutcome:
+    """Another request stored this id first (its commit is visible now): answer with it."""
+    winner = await fetch_transfer(session, transfer_id)
+    assert winner is not None, "a claimed id means a committed row"
+    return replay(winner, fingerprint)
+
+
 async def fetch_transfer(session: AsyncSession, transfer_id: str) -> TransferRecord | None:
     row = (await session.execute(select(*TRANSFER_COLUMNS).where(Transfer.id == transfer_id))).mappings().first()
     return TransferRecord.from_row(row) if row is not None else None
 
 
 async def record_rejection(
-    session: AsyncSession, request: TransferRequest, reason: str, fingerprint: bytes
+    session: AsyncSession,
+    request: TransferRequest,
+    reason: str,
+    now: datetime,
+    *,
+    reversal_of: str | None = None,
+    request_hash: bytes | None = None,
 ) -> TransferOutcome:
-    row = (
-        (
-            await session.execute(
-                RECORD_REJECTION,
-                {
-                    "id": request.id,
-                    "debit_account_id": request.debit_account_id,
-                    "credit_account_id": request.credit_account_id,
-                    "amount": request.amount,
-                    "currency": request.currency,
-                    "pending": request.pending,
-                    "code": reason,
-                    "description": request.description,
-                    "metadata": request.metadata or {},
-                    "request_hash": fingerprint,
-                },
-            )
-        )
-        .mappings()
-        .first()
-    )
-    if row is None:
+    fingerprint = request_hash or request.fingerprint()
+    writes = Writes()
+    writes.new_transfer(
+        request, status="rejected", code=reason, currency=request.currency, created_at=now,
+        reversal_of=reversal_of, request_hash=fingerprint,
+    )  # fmt: skip
+    try:
+        async with session.begin_nested():
+            await write(session, writes)
+    except IdsClaimed:
         # A concurrent request recorded an outcome for this id first: that one stands.
-        winner = await fetch_transfer(session, request.id)
-        assert winner is not None
-        return replay(winner, fingerprint)
-    return TransferOutcome(TransferRecord.from_row(row), replayed=False)
-
-
-def apply_parameters(request: TransferRequest, plan: TransferPlan, fingerprint: bytes) -> dict[str, Any]:
-    parameters: dict[str, Any] = {
-        "id": request.id,
-        "debit_account_id": request.debit_account_id,
-        "credit_account_id": request.credit_account_id,
-        "amount": request.amount,
-        "currency": plan.currency,
-        "description": request.description,
-        "metadata": request.metadata or {},
-        "request_hash": fingerprint,
-        "created_at": plan.created_at,
-    }
-    for index, entry in enumerate(plan.entries, start=1):
-        parameters[f"e{index}_account_id"] = entry.account_id
-        parameters[f"e{index}_sequence"] = entry.sequence
-        parameters[f"e{index}_amount"] = entry.amount
-        parameters[f"e{index}_balance_after"] = entry.balance_after
-        parameters[f"e{index}_hash"] = entry.hash
-    for index, update in enumerate(plan.updates, start=1):
-        parameters[f"u{index}_id"] = update.id
-        parameters[f"u{index}_debits_posted"] = update.debits_posted
-        parameters[f"u{index}_credits_posted"] = update.credits_posted
-        parameters[f"u{index}_entries_count"] = update.entries_count
-        parameters[f"u{index}_hash"] = update.last_entry_hash
-    return parameters
+        return await replay_winner(session, request.id, fingerprint)
+    record = await fetch_transfer(session, request.id)
+    assert record is not None
+    return TransferOutcome(record, replayed=False)

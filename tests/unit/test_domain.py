@@ -66,7 +66,7 @@ def test_a_transfer_debits_one_account_and_credits_the_other_by_the_same_amount(
     debit, credit = plan.entries
     assert (debit.account_id, debit.amount, debit.balance_after, debit.sequence) == ("a", -40, 60, 4)
     assert (credit.account_id, credit.amount, credit.balance_after, credit.sequence) == ("b", 40, 40, 1)
-    assert plan.updates[0].debits_posted == 40 and plan.updates[1].credits_posted == 40
+    assert plan.accounts[0].debits_posted == 40 and plan.accounts[1].credits_posted == 40
     assert plan.currency == "EUR"
 
 
