@@ -121,3 +121,63 @@ async def test_concurrent_withdrawals_beyond_the_balance_never_overdraw(server_u
             again = await client.post("/v1/transfers", json=body)
             assert again.status_code == 422 and again.headers["idempotent-replayed"] == "true"
             assert again.content == first.content
+
+
+async def _decision_race(client: httpx.AsyncClient, transfer_id: str) -> list[httpx.Response]:
+    requests = []
+    for i in range(30):
+        if i % 3 == 0:
+            requests.append(client.post(f"/v1/transfers/{transfer_id}/void"))
+        else:
+            requests.append(client.post(f"/v1/transfers/{transfer_id}/post", json={"amount": 40 + i % 2 * 10}))
+    return list(await asyncio.gather(*requests))
+
+
+async def test_racing_posts_voids_and_expiry_make_exactly_one_decision(server_url: str, engine: AsyncEngine, uid: str) -> None:
+    """30 concurrent decisions (voids, posts of 40, posts of 50) on each of 8 pending
+    transfers, half of them expiring just as the race starts: per transfer exactly one
+    decision wins (the winners' 200s all agree with the final state; everything else is a
+    409 naming that state), and the reservation is released exactly once."""
+    async with httpx.AsyncClient(base_url=server_url, timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+        await client.post("/v1/accounts", json={"id": f"bank-{uid}", "currency": "EUR", "allow_negative_balance": True})
+        await client.post("/v1/accounts", json={"id": f"payer-{uid}", "currency": "EUR"})
+        await client.post("/v1/accounts", json={"id": f"shop-{uid}", "currency": "EUR"})
+        funding = {"id": f"fund-{uid}", "debit_account_id": f"bank-{uid}", "credit_account_id": f"payer-{uid}", "amount": 1000}
+        assert (await client.post("/v1/transfers", json=funding)).status_code == 201
+        ids = [f"hold-{uid}-{i}" for i in range(8)]
+        for i, transfer_id in enumerate(ids):
+            body = {"id": transfer_id, "debit_account_id": f"payer-{uid}", "credit_account_id": f"shop-{uid}",
+                    "amount": 100, "pending": True, "timeout_seconds": 1 if i % 2 else 3600}  # fmt: skip
+            assert (await client.post("/v1/transfers", json=body)).status_code == 201
+        await asyncio.sleep(0.95)
+        races = await asyncio.gather(*(_decision_race(client, transfer_id) for transfer_id in ids))
+        finals = [(await client.get(f"/v1/transfers/{transfer_id}")).json() for transfer_id in ids]
+        payer = (await client.get(f"/v1/accounts/payer-{uid}")).json()["balance"]
+        shop = (await client.get(f"/v1/accounts/shop-{uid}")).json()["balance"]
+
+    expected_conflicts = {
+        "posted": "pending_transfer_already_posted",
+        "voided": "pending_transfer_already_voided",
+        "expired": "pending_transfer_expired",
+    }
+    posted_total = 0
+    for responses, final in zip(races, finals, strict=True):
+        assert final["status"] in expected_conflicts, final
+        winners = [r for r in responses if r.status_code == 200]
+        losers = [r for r in responses if r.status_code != 200]
+        assert all(r.status_code == 409 and r.json()["code"] == expected_conflicts[final["status"]] for r in losers), [
+            (r.status_code, r.text) for r in losers
+        ]
+        assert all(r.json() == final for r in winners)
+        if final["status"] == "expired":
+            assert not winners
+        else:
+            assert winners, "an unexpired reservation is decided by one of the racers"
+        posted_total += final["posted_amount"] or 0
+    assert payer == {"posted": 1000 - posted_total, "pending_debits": 0, "pending_credits": 0, "available": 1000 - posted_total}
+    assert shop["posted"] == posted_total and shop["pending_credits"] == 0
+    async with engine.connect() as connection:
+        entries = (
+            await connection.execute(text("SELECT count(*) FROM entries WHERE transfer_id = ANY(:ids)"), {"ids": ids})
+        ).scalar_one()
+    assert entries == 2 * sum(1 for final in finals if final["status"] == "posted")
