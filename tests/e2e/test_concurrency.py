@@ -133,7 +133,9 @@ async def _decision_race(client: httpx.AsyncClient, transfer_id: str) -> list[ht
     return list(await asyncio.gather(*requests))
 
 
-async def test_racing_posts_voids_and_expiry_make_exactly_one_decision(server_url: str, engine: AsyncEngine, uid: str) -> None:
+async def test_racing_posts_voids_and_expiry_make_exactly_one_decision(
+    server_url: str, engine: AsyncEngine, uid: str
+) -> None:
     """30 concurrent decisions (voids, posts of 40, posts of 50) on each of 8 pending
     transfers, half of them expiring just as the race starts: per transfer exactly one
     decision wins (the winners' 200s all agree with the final state; everything else is a
@@ -142,7 +144,12 @@ async def test_racing_posts_voids_and_expiry_make_exactly_one_decision(server_ur
         await client.post("/v1/accounts", json={"id": f"bank-{uid}", "currency": "EUR", "allow_negative_balance": True})
         await client.post("/v1/accounts", json={"id": f"payer-{uid}", "currency": "EUR"})
         await client.post("/v1/accounts", json={"id": f"shop-{uid}", "currency": "EUR"})
-        funding = {"id": f"fund-{uid}", "debit_account_id": f"bank-{uid}", "credit_account_id": f"payer-{uid}", "amount": 1000}
+        funding = {
+            "id": f"fund-{uid}",
+            "debit_account_id": f"bank-{uid}",
+            "credit_account_id": f"payer-{uid}",
+            "amount": 1000,
+        }
         assert (await client.post("/v1/transfers", json=funding)).status_code == 201
         ids = [f"hold-{uid}-{i}" for i in range(8)]
         for i, transfer_id in enumerate(ids):
@@ -174,7 +181,12 @@ async def test_racing_posts_voids_and_expiry_make_exactly_one_decision(server_ur
         else:
             assert winners, "an unexpired reservation is decided by one of the racers"
         posted_total += final["posted_amount"] or 0
-    assert payer == {"posted": 1000 - posted_total, "pending_debits": 0, "pending_credits": 0, "available": 1000 - posted_total}
+    assert payer == {
+        "posted": 1000 - posted_total,
+        "pending_debits": 0,
+        "pending_credits": 0,
+        "available": 1000 - posted_total,
+    }
     assert shop["posted"] == posted_total and shop["pending_credits"] == 0
     async with engine.connect() as connection:
         entries = (

@@ -28,7 +28,9 @@ async def setup(client: AsyncTestClient, uid: str, funds: int = 1000) -> tuple[s
     return bank, payer, shop
 
 
-async def test_a_reservation_holds_funds_and_posting_part_of_it_releases_the_rest(client: AsyncTestClient, uid: str) -> None:
+async def test_a_reservation_holds_funds_and_posting_part_of_it_releases_the_rest(
+    client: AsyncTestClient, uid: str
+) -> None:
     """Authorise 300 then capture 200: while pending, 300 is unavailable to the payer and
     nothing is posted; after the post, 200 moved (journaled under the pending id), the
     other 100 is free again; repeating the post answers the same, other decisions 409."""
@@ -37,11 +39,18 @@ async def test_a_reservation_holds_funds_and_posting_part_of_it_releases_the_res
     assert created.status_code == 201
     body = created.json()
     assert body["status"] == "pending" and body["pending"] is True and body["expires_at"] is not None
-    assert await balance(client, payer) == {"posted": 1000, "pending_debits": 300, "pending_credits": 0, "available": 700}
+    assert await balance(client, payer) == {
+        "posted": 1000,
+        "pending_debits": 300,
+        "pending_credits": 0,
+        "available": 700,
+    }
     assert (await balance(client, shop))["pending_credits"] == 300
     assert_problem(await transfer(client, f"over-{uid}", payer, shop, 701), 422, "insufficient_funds")
 
-    assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post", json={"amount": 301}), 422, "exceeds_pending_amount")
+    assert_problem(
+        await client.post(f"/v1/transfers/auth-{uid}/post", json={"amount": 301}), 422, "exceeds_pending_amount"
+    )
     posted = await client.post(f"/v1/transfers/auth-{uid}/post", json={"amount": 200})
     assert posted.status_code == 200
     assert posted.json()["status"] == "posted" and posted.json()["posted_amount"] == 200
@@ -52,7 +61,11 @@ async def test_a_reservation_holds_funds_and_posting_part_of_it_releases_the_res
 
     again = await client.post(f"/v1/transfers/auth-{uid}/post", json={"amount": 200})
     assert again.status_code == 200 and again.json() == posted.json()
-    assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post", json={"amount": 100}), 409, "pending_transfer_already_posted")
+    assert_problem(
+        await client.post(f"/v1/transfers/auth-{uid}/post", json={"amount": 100}),
+        409,
+        "pending_transfer_already_posted",
+    )
     assert_problem(await client.post(f"/v1/transfers/auth-{uid}/void"), 409, "pending_transfer_already_posted")
     # The creation replays with its original answer: status pending, as first returned.
     replay = await transfer(client, f"auth-{uid}", payer, shop, 300, pending=True, timeout_seconds=3600)
@@ -66,7 +79,12 @@ async def test_void_releases_the_reservation_once(client: AsyncTestClient, uid: 
     assert voided.status_code == 200 and voided.json()["status"] == "voided"
     assert (await client.post(f"/v1/transfers/auth-{uid}/void", json={})).json() == voided.json()
     assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post"), 409, "pending_transfer_already_voided")
-    assert await balance(client, payer) == {"posted": 1000, "pending_debits": 0, "pending_credits": 0, "available": 1000}
+    assert await balance(client, payer) == {
+        "posted": 1000,
+        "pending_debits": 0,
+        "pending_credits": 0,
+        "available": 1000,
+    }
     assert (await balance(client, shop))["pending_credits"] == 0
 
 
@@ -95,17 +113,26 @@ async def test_an_expired_reservation_reads_as_expired_and_frees_its_funds_lazil
         assert (await balance(client, payer))["available"] == 400
         await asyncio.sleep(1.2)
         assert (await client.get(f"/v1/transfers/auth-{uid}")).json()["status"] == "expired"
-        assert await balance(client, payer) == {"posted": 1000, "pending_debits": 0, "pending_credits": 0, "available": 1000}
+        assert await balance(client, payer) == {
+            "posted": 1000,
+            "pending_debits": 0,
+            "pending_credits": 0,
+            "available": 1000,
+        }
         listed = (await client.get("/v1/transfers", params={"account_id": payer, "status": "expired"})).json()["data"]
         assert [t["id"] for t in listed] == [f"auth-{uid}"]
         async with engine.connect() as connection:
-            stored = (await connection.execute(text("SELECT status FROM transfers WHERE id = :id"), {"id": f"auth-{uid}"})).scalar()
+            stored = (
+                await connection.execute(text("SELECT status FROM transfers WHERE id = :id"), {"id": f"auth-{uid}"})
+            ).scalar()
         assert stored == "pending", "nothing has released it yet"
         assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post"), 409, "pending_transfer_expired")
         async with engine.connect() as connection:
             row = (
                 await connection.execute(
-                    text("SELECT t.status, a.pending_debits FROM transfers t JOIN accounts a ON a.id = t.debit_account_id WHERE t.id = :id"),
+                    text(
+                        "SELECT t.status, a.pending_debits FROM transfers t JOIN accounts a ON a.id = t.debit_account_id WHERE t.id = :id"
+                    ),
                     {"id": f"auth-{uid}"},
                 )
             ).one()
@@ -114,7 +141,9 @@ async def test_an_expired_reservation_reads_as_expired_and_frees_its_funds_lazil
         assert (await transfer(client, f"spend-{uid}", payer, shop, 1000)).status_code == 201
 
 
-async def test_the_sweeper_releases_due_reservations_on_its_own(database_url: str, engine: AsyncEngine, uid: str) -> None:
+async def test_the_sweeper_releases_due_reservations_on_its_own(
+    database_url: str, engine: AsyncEngine, uid: str
+) -> None:
     settings = Settings(database_url=database_url, expiry_sweep_interval_seconds=0.2)
     async with AsyncTestClient(create_app(settings)) as client:
         _, payer, shop = await setup(client, uid)
@@ -156,7 +185,12 @@ async def test_reversals_add_up_to_at_most_the_posted_amount(client: AsyncTestCl
     assert_problem(too_much, 422, "exceeds_reversible_amount")
     replayed = await client.post(f"/v1/transfers/buy-{uid}/reverse", json={"id": f"refund3-{uid}", "amount": 1})
     assert replayed.status_code == 422 and replayed.headers["idempotent-replayed"] == "true"
-    assert await balance(client, payer) == {"posted": 1000, "pending_debits": 0, "pending_credits": 0, "available": 1000}
+    assert await balance(client, payer) == {
+        "posted": 1000,
+        "pending_debits": 0,
+        "pending_credits": 0,
+        "available": 1000,
+    }
     assert (await balance(client, shop))["posted"] == 0
 
 
@@ -166,7 +200,9 @@ async def test_only_posted_transfers_are_reversed_and_refunds_need_funds(client:
     assert_problem(
         await client.post(f"/v1/transfers/auth-{uid}/reverse", json={"id": f"r1-{uid}"}), 422, "transfer_not_posted"
     )
-    assert_problem(await client.post(f"/v1/transfers/ghost-{uid}/reverse", json={"id": f"r2-{uid}"}), 404, "transfer_not_found")
+    assert_problem(
+        await client.post(f"/v1/transfers/ghost-{uid}/reverse", json={"id": f"r2-{uid}"}), 404, "transfer_not_found"
+    )
     await transfer(client, f"buy-{uid}", payer, shop, 100)
     await transfer(client, f"payout-{uid}", shop, bank, 100)  # the shop spent the money
     assert_problem(
