@@ -99,7 +99,25 @@ class TransferService:
             if reason is None:
                 raise
             return await record_rejection(session, request, reason, now)
-        return TransferOutcome(await fetch_transfer(session, request.id) or _missing(request.id), replayed=False)
+        # The stored row is exactly what was just written: answer from memory, no re-read.
+        record = TransferRecord(
+            id=request.id,
+            debit_account_id=request.debit_account_id,
+            credit_account_id=request.credit_account_id,
+            amount=request.amount,
+            currency=plan.currency,
+            pending=request.pending,
+            status=plan.status,
+            code=None,
+            description=request.description,
+            metadata=request.metadata or {},
+            created_at=plan.created_at,
+            updated_at=plan.created_at,
+            request_hash=fingerprint,
+            timeout_seconds=request.timeout_seconds if request.pending else None,
+            expires_at=plan.expires_at,
+        )
+        return TransferOutcome(record, replayed=False)
 
     # -- post and void --------------------------------------------------------------
 
