@@ -103,36 +103,32 @@ async def test_decisions_on_what_is_not_pending(client: AsyncTestClient, uid: st
 async def test_an_expired_reservation_reads_as_expired_and_frees_its_funds_lazily(
     database_url: str, engine: AsyncEngine, uid: str
 ) -> None:
-    """With the sweeper off: after expires_at, reads show `expired` and the funds
-    available, a post is refused with pending_transfer_expired, and that decision stores
-    the expiry (the reservation is released in the database)."""
+    """After expires_at, before anything released it: reads show `expired` and the funds
+    available. (The test holds the transfer's row, which every sweeper in the session
+    skips.) Then a post is refused with pending_transfer_expired, and that decision
+    stores the expiry: the reservation is released in the database."""
     settings = Settings(database_url=database_url, expiry_sweep_interval_seconds=0)
     async with AsyncTestClient(create_app(settings)) as client:
         _, payer, shop = await setup(client, uid)
         await transfer(client, f"auth-{uid}", payer, shop, 600, pending=True, timeout_seconds=1)
         assert (await balance(client, payer))["available"] == 400
-        await asyncio.sleep(1.2)
-        assert (await client.get(f"/v1/transfers/auth-{uid}")).json()["status"] == "expired"
-        assert await balance(client, payer) == {
-            "posted": 1000,
-            "pending_debits": 0,
-            "pending_credits": 0,
-            "available": 1000,
-        }
-        listed = (await client.get("/v1/transfers", params={"account_id": payer, "status": "expired"})).json()["data"]
-        assert [t["id"] for t in listed] == [f"auth-{uid}"]
-        async with engine.connect() as connection:
-            stored = (
-                await connection.execute(text("SELECT status FROM transfers WHERE id = :id"), {"id": f"auth-{uid}"})
-            ).scalar()
-        assert stored == "pending", "nothing has released it yet"
+        async with engine.connect() as holder:
+            transaction = await holder.begin()
+            held = text("SELECT status FROM transfers WHERE id = :id FOR UPDATE")
+            assert (await holder.execute(held, {"id": f"auth-{uid}"})).scalar() == "pending"
+            await asyncio.sleep(1.2)
+            assert (await client.get(f"/v1/transfers/auth-{uid}")).json()["status"] == "expired"
+            assert await balance(client, payer) == {"posted": 1000, "pending_debits": 0, "pending_credits": 0, "available": 1000}
+            listed = (await client.get("/v1/transfers", params={"account_id": payer, "status": "expired"})).json()["data"]
+            assert [t["id"] for t in listed] == [f"auth-{uid}"]
+            stored = (await holder.execute(text("SELECT status FROM transfers WHERE id = :id"), {"id": f"auth-{uid}"})).scalar()
+            assert stored == "pending", "nothing has released it yet"
+            await transaction.rollback()
         assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post"), 409, "pending_transfer_expired")
         async with engine.connect() as connection:
             row = (
                 await connection.execute(
-                    text(
-                        "SELECT t.status, a.pending_debits FROM transfers t JOIN accounts a ON a.id = t.debit_account_id WHERE t.id = :id"
-                    ),
+                    text("SELECT t.status, a.pending_debits FROM transfers t JOIN accounts a ON a.id = t.debit_account_id WHERE t.id = :id"),
                     {"id": f"auth-{uid}"},
                 )
             ).one()
