@@ -41,20 +41,15 @@ STORED_ACCOUNT_COLUMNS = (
     Account.pending_credits,
     Account.entries_count,
 )
-# The columns a read returns for an account: pending totals net of due reservations.
-ACCOUNT_COLUMNS = (
-    Account.id,
-    Account.currency,
-    Account.name,
-    Account.allow_negative_balance,
-    Account.metadata_.label("metadata"),
-    Account.created_at,
-    Account.debits_posted,
-    Account.credits_posted,
-    # sum(bigint) is numeric in PostgreSQL: cast back, so balances stay integers.
-    cast(Account.pending_debits - _due_reserved(Transfer.debit_account_id), BigInteger).label("pending_debits"),
-    cast(Account.pending_credits - _due_reserved(Transfer.credit_account_id), BigInteger).label("pending_credits"),
-    Account.entries_count,
+# The columns a read returns for an account: pending totals net of due reservations
+# (sum(bigint) is numeric in PostgreSQL: cast back, so balances stay integers).
+_NET_PENDING = {
+    "pending_debits": cast(Account.pending_debits - _due_reserved(Transfer.debit_account_id), BigInteger),
+    "pending_credits": cast(Account.pending_credits - _due_reserved(Transfer.credit_account_id), BigInteger),
+}
+ACCOUNT_COLUMNS = tuple(
+    _NET_PENDING[column.key].label(column.key) if column.key in _NET_PENDING else column
+    for column in STORED_ACCOUNT_COLUMNS
 )
 # A reservation past expiry reads as expired even before it is released.
 EFFECTIVE_STATUS = case(
