@@ -86,6 +86,56 @@ def run_migrations(settings: Settings) -> int:
     return 0
 
 
+def audit_verify(settings: Settings, account_id: str | None) -> int:
+    """Verify the journal; print the report as JSON; exit 1 when anything is wrong."""
+    import asyncio
+    import json
+
+    from ledger.database import create_engine
+    from ledger.service import audit
+
+    def progress(done: int, total: int, entries: int) -> None:
+        if sys.stderr.isatty() or done == total or done % 1000 == 0:
+            width = 30
+            filled = width * done // max(total, 1)
+            print(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} accounts, {entries} entries",
+                end="" if done < total else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    async def run(url: str) -> audit.AuditReport:
+        engine = create_engine(settings, url)
+        try:
+            return await audit.verify(engine, account_id, progress)
+        finally:
+            await engine.dispose()
+
+    url, embedded = _database(settings)
+    try:
+        report = asyncio.run(run(url))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(
+        json.dumps(
+            {
+                "ok": report.ok,
+                "accounts_checked": report.accounts_checked,
+                "entries_checked": report.entries_checked,
+                "problems": [
+                    {"account_id": p.account_id, "sequence": p.sequence, "code": p.code, "detail": p.detail}
+                    for p in report.problems
+                ],
+                "problems_total": report.problems_total,
+            },
+            indent=2,
+        )
+    )
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledger", description="A double-entry banking ledger on PostgreSQL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--port", type=int, help="port (LEDGER_PORT, default 8000)")
     serve_parser.add_argument("--workers", type=int, help="worker processes (LEDGER_WORKERS, default 1)")
     commands.add_parser("migrate", help="apply migrations and exit")
+    audit_parser = commands.add_parser("audit", help="audit the journal")
+    audit_commands = audit_parser.add_subparsers(dest="audit_command", required=True)
+    verify_parser = audit_commands.add_parser(
+        "verify", help="recompute every hash chain and balance; exit 1 on any problem"
+    )
+    verify_parser.add_argument("--account", help="verify this account only")
     arguments = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -106,4 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if arguments.command == "serve":
         return serve(settings)
+    if arguments.command == "audit":
+        return audit_verify(settings, arguments.account)
     return run_migrations(settings)

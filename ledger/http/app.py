@@ -15,6 +15,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 
 from ledger import __version__
 from ledger.database import create_engine, create_session_factory
+from ledger.http.audit import AuditController
 from ledger.http.health import live, ready
 from ledger.http.problems import EXCEPTION_HANDLERS
 from ledger.http.routes import AccountController, TransferController
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
             await engine.dispose()
 
     return Litestar(
-        route_handlers=[AccountController, TransferController, live, ready],
+        route_handlers=[AccountController, TransferController, AuditController, live, ready],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,

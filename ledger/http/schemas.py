@@ -218,6 +218,42 @@ class EntryPage(msgspec.Struct):
     next_cursor: str | None
 
 
+class AuditVerify(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Verify the whole ledger, or one account."""
+
+    account_id: Identifier | None = None
+
+    def __post_init__(self) -> None:
+        _check_identifier("account_id", self.account_id)
+
+
+class AuditProblemOut(msgspec.Struct):
+    account_id: str
+    sequence: int | None
+    code: str
+    detail: str
+
+
+class AuditReportOut(msgspec.Struct):
+    ok: bool
+    accounts_checked: int
+    entries_checked: int
+    problems: list[AuditProblemOut]
+    problems_total: int
+
+
+class CurrencyBalanceOut(msgspec.Struct):
+    currency: str
+    debits: int
+    credits: int
+    difference: int
+
+
+class TrialBalanceOut(msgspec.Struct):
+    as_of: str
+    balances: list[CurrencyBalanceOut]
+
+
 class FieldError(msgspec.Struct):
     field: str
     message: str

@@ -35,7 +35,9 @@ def upgrade() -> None:
     op.add_column("transfers", sa.Column("expires_at", TIMESTAMP, nullable=True))
     op.add_column("transfers", sa.Column("posted_amount", sa.BigInteger(), nullable=True))
     op.add_column("transfers", sa.Column("reversal_of", sa.Text(), nullable=True))
-    op.add_column("transfers", sa.Column("reversed_amount", sa.BigInteger(), server_default=sa.text("0"), nullable=False))
+    op.add_column(
+        "transfers", sa.Column("reversed_amount", sa.BigInteger(), server_default=sa.text("0"), nullable=False)
+    )
     op.create_foreign_key(op.f("fk_transfers_reversal_of_transfers"), "transfers", "transfers", ["reversal_of"], ["id"])
     for name, condition in CHECKS.items():
         op.create_check_constraint(op.f(name), "transfers", condition)
@@ -55,7 +57,9 @@ def upgrade() -> None:
         ["credit_account_id", "expires_at"],
         postgresql_where=sa.text("status = 'pending'"),
     )
-    op.create_index("ix_transfers_reversal_of", "transfers", ["reversal_of"], postgresql_where=sa.text("reversal_of IS NOT NULL"))
+    op.create_index(
+        "ix_transfers_reversal_of", "transfers", ["reversal_of"], postgresql_where=sa.text("reversal_of IS NOT NULL")
+    )
 
 
 def downgrade() -> None:

@@ -28,10 +28,14 @@ async def test_batch_two_phase_and_reversal_codes_end_to_end(server_url: str, ui
             )
         ).json()["results"]  # fmt: skip
         assert [r.get("code") for r in results] == ["linked_transfer_failed", "insufficient_funds", "linked_chain_open"]
-        too_large = await client.post("/v1/transfers/batch", json={"transfers": [leg(f"x-{uid}", alice, shop, 1)] * 1001})
+        too_large = await client.post(
+            "/v1/transfers/batch", json={"transfers": [leg(f"x-{uid}", alice, shop, 1)] * 1001}
+        )
         assert (too_large.status_code, too_large.json()["code"]) == (413, "batch_too_large")
 
-        assert (await client.post("/v1/transfers", json=leg(f"hold-{uid}", alice, shop, 50, pending=True))).status_code == 201
+        assert (
+            await client.post("/v1/transfers", json=leg(f"hold-{uid}", alice, shop, 50, pending=True))
+        ).status_code == 201
         over = await client.post(f"/v1/transfers/hold-{uid}/post", json={"amount": 51})
         assert (over.status_code, over.json()["code"]) == (422, "exceeds_pending_amount")
         not_pending = await client.post(f"/v1/transfers/fund-{uid}/void")

@@ -118,17 +118,28 @@ async def test_an_expired_reservation_reads_as_expired_and_frees_its_funds_lazil
             assert (await holder.execute(held, {"id": f"auth-{uid}"})).scalar() == "pending"
             await asyncio.sleep(1.2)
             assert (await client.get(f"/v1/transfers/auth-{uid}")).json()["status"] == "expired"
-            assert await balance(client, payer) == {"posted": 1000, "pending_debits": 0, "pending_credits": 0, "available": 1000}
-            listed = (await client.get("/v1/transfers", params={"account_id": payer, "status": "expired"})).json()["data"]
+            assert await balance(client, payer) == {
+                "posted": 1000,
+                "pending_debits": 0,
+                "pending_credits": 0,
+                "available": 1000,
+            }
+            listed = (await client.get("/v1/transfers", params={"account_id": payer, "status": "expired"})).json()[
+                "data"
+            ]
             assert [t["id"] for t in listed] == [f"auth-{uid}"]
-            stored = (await holder.execute(text("SELECT status FROM transfers WHERE id = :id"), {"id": f"auth-{uid}"})).scalar()
+            stored = (
+                await holder.execute(text("SELECT status FROM transfers WHERE id = :id"), {"id": f"auth-{uid}"})
+            ).scalar()
             assert stored == "pending", "nothing has released it yet"
             await transaction.rollback()
         assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post"), 409, "pending_transfer_expired")
         async with engine.connect() as connection:
             row = (
                 await connection.execute(
-                    text("SELECT t.status, a.pending_debits FROM transfers t JOIN accounts a ON a.id = t.debit_account_id WHERE t.id = :id"),
+                    text(
+                        "SELECT t.status, a.pending_debits FROM transfers t JOIN accounts a ON a.id = t.debit_account_id WHERE t.id = :id"
+                    ),
                     {"id": f"auth-{uid}"},
                 )
             ).one()
