@@ -19,7 +19,7 @@ ledger; a progress callback lets the CLI show how far it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -224,3 +224,52 @@ async def trial_balance(
             )
         await connection.rollback()
     return moment, [CurrencyTotals(row["currency"], int(row["debits"]), int(row["credits"])) for row in rows]
+
+
+STATEMENT_PAGE = 2000
+STATEMENT = text(
+    """
+    SELECT sequence, transfer_id, amount, balance_after, created_at, hash FROM entries
+    WHERE account_id = :account AND sequence > :after
+      AND (CAST(:start AS timestamptz) IS NULL OR created_at >= :start)
+      AND (CAST(:end AS timestamptz) IS NULL OR created_at <= :end)
+    ORDER BY sequence LIMIT :limit
+    """
+)
+ACCOUNT_EXISTS = text("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = :account)")
+
+
+async def statement_pages(
+    engine: AsyncEngine, account_id: str, start: datetime | None, end: datetime | None
+) -> AsyncIterator[list]:  # the awaited result is the iterator
+    """An account's whole statement, page by page from one snapshot: the first page is
+    read (and the account's existence checked) before the caller starts streaming, so a
+    missing account is a 404, not a broken stream. Memory holds one page at a time."""
+    connection = await engine.connect()
+    try:
+        await _snapshot(connection)
+        if not (await connection.execute(ACCOUNT_EXISTS, {"account": account_id})).scalar_one():
+            raise AccountNotFound(f"no account with id {account_id!r}")
+    except BaseException:
+        await connection.close()
+        raise
+
+    async def pages() -> AsyncIterator[list]:
+        try:
+            after = 0
+            while True:
+                rows = (
+                    await connection.execute(
+                        STATEMENT,
+                        {"account": account_id, "after": after, "start": start, "end": end, "limit": STATEMENT_PAGE},
+                    )
+                ).all()
+                if not rows:
+                    return
+                yield rows
+                after = rows[-1].sequence
+        finally:
+            await connection.rollback()
+            await connection.close()
+
+    return pages()

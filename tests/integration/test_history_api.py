@@ -93,3 +93,41 @@ async def test_balance_as_of_an_instant_is_the_balance_after_the_last_entry_by_t
         "validation_error",
     )
     assert_problem(await client.get(f"/v1/accounts/nobody-{uid}/balance"), 404, "account_not_found")
+
+
+async def test_the_csv_statement_streams_every_page_from_one_snapshot(client: AsyncTestClient, uid: str) -> None:
+    """4,500 entries (more than two pages of the stream) with `Accept: text/csv`: a
+    header, then every entry in sequence order whose hash chain recomputes; from/to
+    narrow it; an unknown account is a JSON 404 before any streaming."""
+    bank, long = f"bank-{uid}", f"long-{uid}"
+    await open_account(client, bank, negative=True)
+    await open_account(client, long)
+    for batch in range(5):
+        items = [
+            {"id": f"csv-{uid}-{batch}-{i}", "debit_account_id": bank, "credit_account_id": long, "amount": 1 + i % 7}
+            for i in range(900)
+        ]
+        response = await client.post("/v1/transfers/batch", json={"transfers": items})
+        assert {r["status"] for r in response.json()["results"]} == {"created"}
+
+    response = await client.get(f"/v1/accounts/{long}/entries", headers={"Accept": "text/csv"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
+    lines = response.text.strip().split("\r\n")
+    assert lines[0] == "account_id,sequence,transfer_id,amount,balance_after,created_at,hash"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [int(row[1]) for row in rows] == list(range(1, 4501))
+    running, previous = 0, None
+    for row in rows:
+        running += int(row[3])
+        assert int(row[4]) == running
+        expected = entry_hash(previous, long, int(row[1]), row[2], int(row[3]), running, datetime.fromisoformat(row[5]))
+        assert row[6] == expected.hex()
+        previous = expected
+
+    window = await client.get(
+        f"/v1/accounts/{long}/entries", params={"from": rows[10][5], "to": rows[10][5]}, headers={"Accept": "text/csv"}
+    )
+    # One batch shares one instant: the window holds that whole batch's entries.
+    assert all(line.split(",")[5] == rows[10][5] for line in window.text.strip().split("\r\n")[1:])
+    missing = await client.get(f"/v1/accounts/nobody-{uid}/entries", headers={"Accept": "text/csv"})
+    assert_problem(missing, 404, "account_not_found")
