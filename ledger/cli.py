@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import os
 import signal
 import sys
 from urllib.parse import urlsplit
 
 from ledger import migrate
+from ledger.observability import logging_config
 from ledger.settings import Settings, SettingsError
 
 logger = logging.getLogger("ledger")
@@ -29,11 +31,11 @@ def _database(settings: Settings):  # type: ignore[no-untyped-def]
 
     embedded = EmbeddedPostgres(settings.data_dir)
     url = embedded.start()
-    print(
-        f"ledger: embedded PostgreSQL at {_redacted(url)} (data in {embedded.data_dir}, "
-        f"password in {embedded.credentials_file})",
-        file=sys.stderr,
-        flush=True,
+    logger.info(
+        "embedded PostgreSQL at %s (data in %s, password in %s)",
+        _redacted(url),
+        embedded.data_dir,
+        embedded.credentials_file,
     )
     return url, embedded
 
@@ -54,9 +56,7 @@ def serve(settings: Settings) -> int:
         migrate.upgrade(url)
         # Worker processes build their app from the environment: hand them the URL.
         os.environ["LEDGER_DATABASE_URL"] = url
-        print(
-            f"ledger: serving on http://{settings.host}:{settings.port} (docs at /schema)", file=sys.stderr, flush=True
-        )
+        logger.info("serving on http://%s:%s (docs at /schema)", settings.host, settings.port)
         uvicorn.run(
             "ledger.http.app:create_app_from_env",
             factory=True,
@@ -67,6 +67,7 @@ def serve(settings: Settings) -> int:
             access_log=False,
             # In-flight requests finish on SIGTERM; after this many seconds they are cut.
             timeout_graceful_shutdown=10,
+            log_config=logging_config(settings.log_level),
             server_header=False,
         )
     finally:
@@ -79,7 +80,7 @@ def run_migrations(settings: Settings) -> int:
     url, embedded = _database(settings)
     try:
         migrate.upgrade(url)
-        print(f"ledger: database at {_redacted(url)} is at revision {migrate.head_revision()}", file=sys.stderr)
+        logger.info("database at %s is at revision %s", _redacted(url), migrate.head_revision())
     finally:
         if embedded is not None:
             embedded.stop()
@@ -152,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     verify_parser.add_argument("--account", help="verify this account only")
     arguments = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {
         name: value for name in ("host", "port", "workers") if (value := getattr(arguments, name, None)) is not None
     }
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(**overrides)
     except SettingsError as error:
         parser.error(str(error))
+    logging.config.dictConfig(logging_config(settings.log_level))
     if arguments.command == "serve":
         return serve(settings)
     if arguments.command == "audit":

@@ -27,6 +27,8 @@ class Settings:
     port: int = 8000
     workers: int = 1
     log_level: str = "info"
+    # One JSON line per request (method, route, status, duration, request id).
+    access_log: bool = True
 
     # Connection pool, passed explicitly to create_async_engine.
     pool_size: int = 20

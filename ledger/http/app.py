@@ -16,10 +16,11 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from ledger import __version__
 from ledger.database import create_engine, create_session_factory
 from ledger.http.audit import AuditController
-from ledger.http.health import live, ready
+from ledger.http.health import live, metrics_endpoint, ready
 from ledger.http.problems import EXCEPTION_HANDLERS
 from ledger.http.routes import AccountController, TransferController
 from ledger.migrate import head_revision
+from ledger.observability import Metrics, request_id_middleware
 from ledger.service.accounts import AccountService
 from ledger.service.batches import BatchService
 from ledger.service.expiry import run_sweeper
@@ -48,7 +49,8 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        unit_of_work = UnitOfWork(create_session_factory(engine), settings)
+        metrics.pool = engine.sync_engine.pool
+        unit_of_work = UnitOfWork(create_session_factory(engine), settings, on_retry=metrics.retry)
         app.state.engine = engine
         app.state.ledger = Ledger(
             unit_of_work=unit_of_work,
@@ -74,12 +76,14 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
                     await sweeper
             await engine.dispose()
 
+    metrics = Metrics()
     return Litestar(
-        route_handlers=[AccountController, TransferController, AuditController, live, ready],
+        route_handlers=[AccountController, TransferController, AuditController, live, ready, metrics_endpoint],
+        middleware=[request_id_middleware(metrics, settings.access_log)],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
-        state=State({"settings": settings, "schema_head": head_revision()}),
+        state=State({"settings": settings, "schema_head": head_revision(), "metrics": metrics}),
         openapi_config=OpenAPIConfig(
             title="Ledger",
             version=__version__,

@@ -36,3 +36,9 @@ async def ready(state: State) -> Response[Health]:
             status_code=503,
         )
     return Response(Health(status="ok", checks={"database": "ok", "schema": str(version)}), status_code=200)
+
+
+@get("/metrics", operation_id="metrics", tags=["health"], media_type="text/plain; version=0.0.4; charset=utf-8")
+async def metrics_endpoint(state: State) -> str:
+    """Prometheus text format: requests, latencies, transfer outcomes, retries, the pool."""
+    return state.metrics.render()

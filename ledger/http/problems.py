@@ -96,6 +96,7 @@ def ledger_error_handler(request: Request, error: LedgerError) -> Response[bytes
     if isinstance(error, Unavailable):
         retry_after = request.app.state.settings.retry_after_seconds
         headers = {"Retry-After": str(retry_after)}
+        request.app.state.metrics.unavailable(error.code)
         logger.warning("503 %s on %s %s: %s", error.code, request.method, request.url.path, error.detail)
     code = error.reason if isinstance(error, (TransferRefused, DecisionRefused)) else error.code
     errors = [FieldError(**e) for e in error.errors] if isinstance(error, InvalidRequest) and error.errors else None

@@ -228,8 +228,9 @@ def _transfer_request(body: TransferCreate) -> TransferRequest:
     )
 
 
-def _transfer_response(outcome: TransferOutcome) -> Response:
+def _transfer_response(outcome: TransferOutcome, state: State) -> Response:
     transfer = outcome.transfer
+    state.metrics.transfer_outcome("replayed" if outcome.replayed else (transfer.code or "created"))
     headers = dict(REPLAYED) if outcome.replayed else {}
     if transfer.status == "rejected":
         assert transfer.code is not None
@@ -254,6 +255,8 @@ class TransferController(Controller):
             )
         items = [BatchItem(request=_transfer_request(item), linked=item.linked) for item in body.transfers]
         results = await state.ledger.batches.create(items)
+        for result in results:
+            state.metrics.transfer_outcome(result.status if result.status != "rejected" else result.code or "rejected")
         return BatchOut(results=[batch_result_out(result) for result in results])
 
     @post("/", operation_id="createTransfer", status_code=201)
@@ -264,7 +267,7 @@ class TransferController(Controller):
         with `Idempotent-Replayed: true`; refusals (404/422) are recorded and replayed too."""
         body = await decode_strict(request, TransferCreate)
         outcome = await state.ledger.transfers.create(_transfer_request(body))
-        return _transfer_response(outcome)
+        return _transfer_response(outcome, state)
 
     @post("/{transfer_id:str}/post", operation_id="postPendingTransfer", status_code=200)
     async def post_pending(
@@ -294,7 +297,7 @@ class TransferController(Controller):
         body = await decode_strict(request, Reverse)
         if not IDENTIFIER_RE.fullmatch(transfer_id):
             raise TransferNotFound(f"no transfer with id {transfer_id!r}")
-        return _transfer_response(await state.ledger.transfers.reverse(transfer_id, body.id, body.amount))
+        return _transfer_response(await state.ledger.transfers.reverse(transfer_id, body.id, body.amount), state)
 
     @get("/", operation_id="listTransfers")
     async def list_transfers(

@@ -105,9 +105,15 @@ def translate(error: BaseException) -> LedgerError | None:
 class UnitOfWork:
     """Runs `work(session)` in one transaction; `work` commits, anything else rolls back."""
 
-    def __init__(self, session_factory: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+    def __init__(
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
         self._session_factory = session_factory
         self._settings = settings
+        self._on_retry = on_retry
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         attempts = self._settings.max_retries + 1
@@ -118,7 +124,10 @@ class UnitOfWork:
                     return await work(session)
             except Exception as error:
                 if is_retryable(error) and attempt < attempts:
-                    logger.info("retrying a transaction after %s (attempt %d)", sqlstate(error) or error, attempt)
+                    reason = sqlstate(error) or type(error).__name__
+                    logger.info("retrying a transaction after %s (attempt %d)", reason, attempt)
+                    if self._on_retry is not None:
+                        self._on_retry(reason)
                     await asyncio.sleep(self._backoff_seconds(attempt))
                     continue
                 translated = translate(error)
