@@ -137,6 +137,32 @@ def audit_verify(settings: Settings, account_id: str | None) -> int:
     return 0 if report.ok else 1
 
 
+def create_key(settings: Settings, role: str, name: str | None) -> int:
+    """Create an API key and print it once: only its hash is stored."""
+    import asyncio
+
+    from ledger.database import create_engine
+    from ledger.service import keys
+
+    async def run(url: str) -> tuple[str, str]:
+        engine = create_engine(settings, url)
+        try:
+            return await keys.create_key(engine, role, name)
+        finally:
+            await engine.dispose()
+
+    url, embedded = _database(settings)
+    try:
+        migrate.upgrade(url)
+        key_id, key = asyncio.run(run(url))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(key)
+    print(f"created {role} key {key_id}; store it now, it cannot be shown again", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledger", description="A double-entry banking ledger on PostgreSQL.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--port", type=int, help="port (LEDGER_PORT, default 8000)")
     serve_parser.add_argument("--workers", type=int, help="worker processes (LEDGER_WORKERS, default 1)")
     commands.add_parser("migrate", help="apply migrations and exit")
+    keys_parser = commands.add_parser("keys", help="manage API keys")
+    keys_commands = keys_parser.add_subparsers(dest="keys_command", required=True)
+    create_parser = keys_commands.add_parser("create", help="create a key and print it once")
+    create_parser.add_argument("--role", required=True, choices=["admin", "poster", "auditor"])
+    create_parser.add_argument("--name", help="a label for the key")
     audit_parser = commands.add_parser("audit", help="audit the journal")
     audit_commands = audit_parser.add_subparsers(dest="audit_command", required=True)
     verify_parser = audit_commands.add_parser(
@@ -163,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.config.dictConfig(logging_config(settings.log_level))
     if arguments.command == "serve":
         return serve(settings)
+    if arguments.command == "keys":
+        return create_key(settings, arguments.role, arguments.name)
     if arguments.command == "audit":
         return audit_verify(settings, arguments.account)
     return run_migrations(settings)

@@ -201,3 +201,23 @@ class Entry(Base):
         # account; per account, time order is sequence order (see domain.decide_transfer).
         Index(None, "account_id", "created_at", "sequence"),
     )
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str | None] = mapped_column(Text, nullable=True)
+    role: Mapped[str] = mapped_column(Text, nullable=False)
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False, server_default=text("now()"))
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("key_hash"),
+        CheckConstraint("role IN ('admin', 'poster', 'auditor')", name="role_known"),
+        CheckConstraint("octet_length(key_hash) = 32", name="key_hash_length"),
+        CheckConstraint("char_length(name) <= 256", name="name_length"),
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
@@ -21,6 +21,10 @@ class Settings:
     # Where the database is. Unset means: start the embedded PostgreSQL in `data_dir`.
     database_url: str | None = None
     data_dir: Path = Path(".ledger")
+
+    # Authentication (see ledger.service.keys). The admin key is a secret: kept out of repr.
+    admin_key: str | None = field(default=None, repr=False)
+    auth_required: bool = False
 
     # HTTP server.
     host: str = "127.0.0.1"
@@ -65,11 +69,11 @@ class Settings:
         """Build settings from `LEDGER_<FIELD>` variables; explicit overrides win."""
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for field in fields(cls):
-            raw = environ.get(f"LEDGER_{field.name.upper()}")
+        for setting in fields(cls):
+            raw = environ.get(f"LEDGER_{setting.name.upper()}")
             if raw is None or raw == "":
                 continue
-            values[field.name] = _parse(field.name, field.type, raw)
+            values[setting.name] = _parse(setting.name, setting.type, raw)
         values.update(overrides)
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
@@ -137,4 +141,4 @@ def _parse(name: str, annotation: object, raw: str) -> object:
 
 def setting_names() -> list[str]:
     """Every environment variable the service reads (used by docs and the compose test)."""
-    return [f"LEDGER_{field.name.upper()}" for field in fields(Settings)]
+    return [f"LEDGER_{setting.name.upper()}" for setting in fields(Settings)]

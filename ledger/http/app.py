@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,11 +25,14 @@ from ledger.observability import Metrics, request_id_middleware
 from ledger.service.accounts import AccountService
 from ledger.service.batches import BatchService
 from ledger.service.expiry import run_sweeper
+from ledger.service.keys import KeyRing
 from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import LedgerQueries
 from ledger.service.transfers import TransferService
 from ledger.service.unit_of_work import UnitOfWork
 from ledger.settings import Settings
+
+logger = logging.getLogger("ledger.app")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,12 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = create_engine(settings)
         metrics.pool = engine.sync_engine.pool
+        app.state.keyring = KeyRing(engine, settings.admin_key, settings.auth_required)
+        if not await _auth_enforced(app.state.keyring):
+            logger.warning(
+                "no API key is configured: every client may call every endpoint. "
+                "Set LEDGER_ADMIN_KEY (or LEDGER_AUTH_REQUIRED=true) outside development."
+            )
         unit_of_work = UnitOfWork(create_session_factory(engine), settings, on_retry=metrics.retry)
         app.state.engine = engine
         app.state.ledger = Ledger(
@@ -93,6 +103,13 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
         ),
         debug=False,
     )
+
+
+async def _auth_enforced(keyring: KeyRing) -> bool:
+    try:
+        return await keyring.enforced()
+    except Exception:  # the database may be down at start; the guards will ask again
+        return True
 
 
 def create_app_from_env() -> Litestar:

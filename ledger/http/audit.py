@@ -9,6 +9,7 @@ from litestar.datastructures import State
 from litestar.params import JSONBody, QueryParameter
 
 from ledger.errors import InvalidRequest
+from ledger.http.auth import AUDIT, READ
 from ledger.http.body import decode_strict
 from ledger.http.routes import _timestamp
 from ledger.http.schemas import (
@@ -39,7 +40,7 @@ def report_out(report: audit.AuditReport) -> AuditReportOut:
 class AuditController(Controller):
     tags = ["audit"]
 
-    @post("/v1/audit/verify", operation_id="verifyJournal", status_code=200)
+    @post("/v1/audit/verify", operation_id="verifyJournal", status_code=200, guards=[AUDIT])
     async def verify(self, request: Request, state: State, data: JSONBody[AuditVerify | None] = None) -> AuditReportOut:
         """Recompute every account's balance from its entries and check every entry's hash
         chain (or one account's). `ok` is false when any problem is found; `problems` lists
@@ -47,7 +48,7 @@ class AuditController(Controller):
         body = await decode_strict(request, AuditVerify) if await request.body() else AuditVerify()
         return report_out(await audit.verify(state.engine, body.account_id))
 
-    @get("/v1/balances", operation_id="getTrialBalance")
+    @get("/v1/balances", operation_id="getTrialBalance", guards=[READ])
     async def balances(self, state: State, currency: CurrencyFilter = None, as_of: AsOf = None) -> TrialBalanceOut:
         """A trial balance read from one consistent snapshot: per currency the sum of
         debits, of credits, and their difference, which is always 0."""

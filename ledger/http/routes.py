@@ -14,6 +14,7 @@ from litestar.response import Stream
 
 from ledger.domain import BatchItem, TransferRequest
 from ledger.errors import AccountNotFound, BatchTooLarge, InvalidRequest, TransferNotFound
+from ledger.http.auth import MOVE_MONEY, READ
 from ledger.http.body import decode_strict
 from ledger.http.problems import refusal_response
 from ledger.http.render import account_out, balance_out, batch_result_out, entry_out, refusal_detail, transfer_out
@@ -86,7 +87,7 @@ class AccountController(Controller):
     path = "/v1/accounts"
     tags = ["accounts"]
 
-    @post("/", operation_id="createAccount", status_code=201)
+    @post("/", operation_id="createAccount", status_code=201, guards=[MOVE_MONEY])
     async def create_account(
         self, request: Request, state: State, data: JSONBody[AccountCreate]
     ) -> Response[AccountOut]:
@@ -108,7 +109,7 @@ class AccountController(Controller):
             )
         return Response(account_out(outcome.account), status_code=200, headers=REPLAYED)
 
-    @get("/", operation_id="listAccounts")
+    @get("/", operation_id="listAccounts", guards=[READ])
     async def list_accounts(
         self, state: State, limit: Limit = None, cursor: Cursor = None, currency: CurrencyFilter = None
     ) -> AccountPage:
@@ -120,14 +121,14 @@ class AccountController(Controller):
         page = await state.ledger.queries.accounts(currency=currency, limit=_page_size(state, limit), cursor=cursor)
         return AccountPage(data=[account_out(a) for a in page.items], next_cursor=page.next_cursor)
 
-    @get("/{account_id:str}", operation_id="getAccount")
+    @get("/{account_id:str}", operation_id="getAccount", guards=[READ])
     async def get_account(self, state: State, account_id: AccountId) -> AccountOut:
         """One account with its balances and journal length."""
         if not IDENTIFIER_RE.fullmatch(account_id):
             raise AccountNotFound(f"no account with id {account_id!r}")
         return account_out(await state.ledger.queries.account(account_id))
 
-    @get("/{account_id:str}/entries", operation_id="listAccountEntries")
+    @get("/{account_id:str}/entries", operation_id="listAccountEntries", guards=[READ])
     async def list_entries(
         self,
         request: Request,
@@ -154,7 +155,7 @@ class AccountController(Controller):
         )
         return EntryPage(data=[entry_out(e) for e in page.items], next_cursor=page.next_cursor)
 
-    @get("/{account_id:str}/balance", operation_id="getAccountBalance")
+    @get("/{account_id:str}/balance", operation_id="getAccountBalance", guards=[READ])
     async def get_balance(
         self,
         state: State,
@@ -243,7 +244,7 @@ class TransferController(Controller):
     path = "/v1/transfers"
     tags = ["transfers"]
 
-    @post("/batch", operation_id="createTransferBatch", status_code=200)
+    @post("/batch", operation_id="createTransferBatch", status_code=200, guards=[MOVE_MONEY])
     async def create_batch(self, request: Request, state: State, data: JSONBody[BatchCreate]) -> BatchOut:
         """Apply 1 to 1000 transfers in order, one result per item. Each item keeps the
         single-transfer guarantees (its own id, its own recorded outcome, replays);
@@ -259,7 +260,7 @@ class TransferController(Controller):
             state.metrics.transfer_outcome(result.status if result.status != "rejected" else result.code or "rejected")
         return BatchOut(results=[batch_result_out(result) for result in results])
 
-    @post("/", operation_id="createTransfer", status_code=201)
+    @post("/", operation_id="createTransfer", status_code=201, guards=[MOVE_MONEY])
     async def create_transfer(
         self, request: Request, state: State, data: JSONBody[TransferCreate]
     ) -> Response[TransferOut]:
@@ -269,7 +270,7 @@ class TransferController(Controller):
         outcome = await state.ledger.transfers.create(_transfer_request(body))
         return _transfer_response(outcome, state)
 
-    @post("/{transfer_id:str}/post", operation_id="postPendingTransfer", status_code=200)
+    @post("/{transfer_id:str}/post", operation_id="postPendingTransfer", status_code=200, guards=[MOVE_MONEY])
     async def post_pending(
         self, request: Request, state: State, transfer_id: TransferId, data: JSONBody[PostPending | None] = None
     ) -> TransferOut:
@@ -280,7 +281,7 @@ class TransferController(Controller):
             raise TransferNotFound(f"no transfer with id {transfer_id!r}")
         return transfer_out(await state.ledger.transfers.post(transfer_id, body.amount if body else None))
 
-    @post("/{transfer_id:str}/void", operation_id="voidPendingTransfer", status_code=200)
+    @post("/{transfer_id:str}/void", operation_id="voidPendingTransfer", status_code=200, guards=[MOVE_MONEY])
     async def void_pending(self, request: Request, state: State, transfer_id: TransferId) -> TransferOut:
         """Void a pending transfer: its reservation is released. Repeating it returns the same 200."""
         await _optional_body(request, VoidPending)
@@ -288,7 +289,7 @@ class TransferController(Controller):
             raise TransferNotFound(f"no transfer with id {transfer_id!r}")
         return transfer_out(await state.ledger.transfers.void(transfer_id))
 
-    @post("/{transfer_id:str}/reverse", operation_id="reverseTransfer", status_code=201)
+    @post("/{transfer_id:str}/reverse", operation_id="reverseTransfer", status_code=201, guards=[MOVE_MONEY])
     async def reverse(
         self, request: Request, state: State, transfer_id: TransferId, data: JSONBody[Reverse]
     ) -> Response[TransferOut]:
@@ -299,7 +300,7 @@ class TransferController(Controller):
             raise TransferNotFound(f"no transfer with id {transfer_id!r}")
         return _transfer_response(await state.ledger.transfers.reverse(transfer_id, body.id, body.amount), state)
 
-    @get("/", operation_id="listTransfers")
+    @get("/", operation_id="listTransfers", guards=[READ])
     async def list_transfers(
         self,
         state: State,
@@ -326,7 +327,7 @@ class TransferController(Controller):
         )
         return TransferPage(data=[transfer_out(t) for t in page.items], next_cursor=page.next_cursor)
 
-    @get("/{transfer_id:str}", operation_id="getTransfer")
+    @get("/{transfer_id:str}", operation_id="getTransfer", guards=[READ])
     async def get_transfer(self, state: State, transfer_id: TransferId) -> TransferOut:
         """A transfer in its current state, rejected ones included."""
         if not IDENTIFIER_RE.fullmatch(transfer_id):
