@@ -79,6 +79,7 @@ class Metrics:
         self.latency_sum: dict[str, float] = defaultdict(float)
         self.latency_count: dict[str, int] = defaultdict(int)
         self.pool: Any = None
+        self.unit_of_work: Any = None
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests[(method, route, status)] += 1
@@ -145,6 +146,7 @@ class Metrics:
                 f'ledger_pool_connections{{{process},state="in_use"}} {self.pool.checkedout()}',
                 f'ledger_pool_connections{{{process},state="idle"}} {self.pool.checkedin()}',
                 f'ledger_pool_connections{{{process},state="overflow"}} {max(self.pool.overflow(), 0)}',
+                f'ledger_pool_connections{{{process},state="waiting"}} {self.unit_of_work.waiting if self.unit_of_work else 0}',
                 "# HELP ledger_pool_size Configured pool size.",
                 "# TYPE ledger_pool_size gauge",
                 f"ledger_pool_size{{{process}}} {self.pool.size()}",

@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
                 "Set LEDGER_ADMIN_KEY (or LEDGER_AUTH_REQUIRED=true) outside development."
             )
         unit_of_work = UnitOfWork(create_session_factory(engine), settings, on_retry=metrics.retry)
+        metrics.unit_of_work = unit_of_work
         app.state.engine = engine
         app.state.ledger = Ledger(
             unit_of_work=unit_of_work,

@@ -114,12 +114,20 @@ class UnitOfWork:
         self._session_factory = session_factory
         self._settings = settings
         self._on_retry = on_retry
+        # Units of work waiting for a pooled connection right now (a gauge for /metrics).
+        self.waiting = 0
 
     async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         attempts = self._settings.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
                 async with self._session_factory() as session:
+                    # Take the connection first, so that waiting for the pool is measured.
+                    self.waiting += 1
+                    try:
+                        await session.connection()
+                    finally:
+                        self.waiting -= 1
                     # Leaving this block without commit rolls back (AsyncSession.close).
                     return await work(session)
             except Exception as error:

@@ -51,4 +51,5 @@ async def test_metrics_count_requests_outcomes_and_show_the_pool(server_url: str
         r'ledger_request_duration_seconds_bucket\{process="\d+",method="POST",route="/v1/transfers",le="\+Inf"\} \d+',
         text,
     )
-    assert re.search(r'ledger_pool_connections\{process="\d+",state="in_use"\} \d+', text)
+    for state in ("in_use", "idle", "overflow", "waiting"):
+        assert re.search(rf'ledger_pool_connections\{{process="\d+",state="{state}"\}} \d+', text), state

@@ -1,0 +1,1 @@
+"""Load generation and benchmarks (see README.md in this folder)."""
