@@ -11,9 +11,8 @@ Authentication is enforced as soon as the service has any key to check against
 client (and says so in its log at start): that keeps a fresh `make run` usable, and is
 not how to run in production.
 
-Known keys are cached for `CACHE_SECONDS` per process, so authentication costs no
-database round trip on the hot path; a key created with `ledger keys create` is accepted
-within that time.
+Known keys are cached per process (see `KeyRing`), so authentication costs no database
+round trip on the hot path, and a key created with `ledger keys create` works at once.
 """
 
 from __future__ import annotations
@@ -49,34 +48,44 @@ async def create_key(engine: AsyncEngine, role: str, name: str | None = None) ->
 
 
 class KeyRing:
-    """Answers "which role does this key have?" from a short-lived cache of active keys."""
+    """Answers "is a key required?" and "which role does this key have?".
+
+    Known key hashes are cached per process. An unknown key triggers a reload at once
+    (at most every `MISS_RELOAD_SECONDS`, so a flood of bad keys cannot flood the
+    database), so a key created a moment ago works on its first use; the cache is also
+    reloaded every `CACHE_SECONDS`, so a revoked key stops working within that time.
+    Enforcement only ever switches on: while no key is known, every request checks for
+    one (this only happens in the unconfigured, development case).
+    """
+
+    MISS_RELOAD_SECONDS = 0.1
 
     def __init__(self, engine: AsyncEngine, admin_key: str | None, required: bool) -> None:
         self._engine = engine
         self._admin_hash = hash_key(admin_key) if admin_key else None
-        self._required = required
+        self._enforced = required or self._admin_hash is not None
         self._roles: dict[bytes, str] = {}
         self._loaded_at = float("-inf")
 
-    async def _refresh(self) -> None:
-        if time.monotonic() - self._loaded_at < CACHE_SECONDS:
-            return
+    async def _load(self) -> None:
         async with self._engine.connect() as connection:
             rows = (await connection.execute(ACTIVE_KEYS)).all()
         self._roles = {bytes(row.key_hash): row.role for row in rows}
         self._loaded_at = time.monotonic()
+        self._enforced = self._enforced or bool(self._roles)
 
     async def enforced(self) -> bool:
-        if self._required or self._admin_hash is not None:
-            return True
-        await self._refresh()
-        return bool(self._roles)
+        if not self._enforced:
+            await self._load()
+        return self._enforced
 
     async def role_of(self, key: str) -> str | None:
         digest = hash_key(key)
         if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
             return "admin"
-        await self._refresh()
+        age = time.monotonic() - self._loaded_at
         # The lookup is by the key's SHA-256, never by the key: how long it takes says
         # nothing about any stored key's value.
+        if age >= CACHE_SECONDS or (digest not in self._roles and age >= self.MISS_RELOAD_SECONDS):
+            await self._load()
         return self._roles.get(digest)

@@ -4,6 +4,7 @@ exists the service requires one."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -156,3 +157,26 @@ def test_keys_are_created_by_the_cli_shown_once_and_stored_as_hashes(auth_databa
     rows = asyncio.run(stored())
     assert [row.role for row in rows] == ["auditor"] and len(rows[0].key_hash) == 32
     assert key.encode() not in rows[0].key_hash
+
+
+async def test_keys_created_while_serving_work_at_once_and_switch_authentication_on(postgres_server_url: str) -> None:
+    """A service started with no key configured serves everyone; the moment a key is
+    created (by another process), requests without a key are 401 and the new key works."""
+    url = await asyncio.to_thread(provision.create_database, postgres_server_url, "ledger_auth_late")
+    try:
+        await asyncio.to_thread(migrate.upgrade, url)
+        async with AsyncTestClient(create_app(Settings(database_url=url))) as client:
+            assert (await client.get("/v1/accounts")).status_code == 200
+            engine = create_engine(Settings(database_url=url))
+            try:
+                _, key = await create_key(engine, "auditor")
+            finally:
+                await engine.dispose()
+            assert (await client.get("/v1/accounts")).status_code == 401
+            assert (await client.get("/v1/accounts", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+            forbidden = await client.post(
+                "/v1/accounts", json={"currency": "EUR"}, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert forbidden.status_code == 403
+    finally:
+        await asyncio.to_thread(provision.drop_database, postgres_server_url, url)
