@@ -54,8 +54,9 @@ class KeyRing:
     (at most every `MISS_RELOAD_SECONDS`, so a flood of bad keys cannot flood the
     database), so a key created a moment ago works on its first use; the cache is also
     reloaded every `CACHE_SECONDS`, so a revoked key stops working within that time.
-    Enforcement only ever switches on: while no key is known, every request checks for
-    one (this only happens in the unconfigured, development case).
+    Enforcement only ever switches on: while no key is known, requests check for one
+    (at most every `MISS_RELOAD_SECONDS`; this only happens in the unconfigured,
+    development case).
     """
 
     MISS_RELOAD_SECONDS = 0.1
@@ -75,7 +76,7 @@ class KeyRing:
         self._enforced = self._enforced or bool(self._roles)
 
     async def enforced(self) -> bool:
-        if not self._enforced:
+        if not self._enforced and time.monotonic() - self._loaded_at >= self.MISS_RELOAD_SECONDS:
             await self._load()
         return self._enforced
 
