@@ -1,0 +1,153 @@
+"""python -m loadtest SCENARIO [options]: drive the ledger, report, check correctness.
+
+    .venv/bin/python -m loadtest uniform --self-serve --clients 16 --duration 20
+    .venv/bin/python -m loadtest hot --base-url http://127.0.0.1:8000 --api-key $KEY --rate 500 --duration 30
+
+Scenarios: uniform (transfers among --accounts accounts), hot (every transfer touches one
+house account), zipf (account popularity follows Zipf 1.1), batch (100 transfers per
+request), mixed (80% transfers, 20% auditor reads), replay (20% of requests retry an
+earlier transfer id). --clients N runs a closed loop; --rate R an open loop at R
+requests per second. The report (JSON, to stdout and --report FILE) has throughput,
+latency percentiles, errors by status and code, and the CPU seconds of the generator
+and, when their process ids are known (--self-serve, or --service-pid/--postgres-pid),
+of the service and PostgreSQL. The run exits 1 when a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import psutil
+
+from loadtest.checks import check
+from loadtest.generator import (
+    SCENARIOS,
+    Generator,
+    Workload,
+    generator_cpu_seconds,
+    run_closed,
+    run_open,
+    setup_accounts,
+)
+from loadtest.local import local_service
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU of a process and its descendants, including those already exited and reaped."""
+    if pid is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        total = sum(process.cpu_times()[:4])
+        for child in process.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+        return total
+    except psutil.NoSuchProcess:
+        return None
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return round(sorted_values[min(int(len(sorted_values) * fraction), len(sorted_values) - 1)], 3)
+
+
+async def run(arguments: argparse.Namespace, base_url: str, service_pid: int | None, postgres_pid: int | None) -> dict:
+    run_id = f"lt{secrets.token_hex(3)}"
+    connections = arguments.clients or arguments.max_outstanding
+    async with Generator(base_url, arguments.api_key, connections) as generator:
+        house, accounts = await setup_accounts(generator, run_id, arguments.accounts)
+        workload = Workload(arguments.scenario, accounts, house, arguments.seed, run_id)
+        cpu_before = (generator_cpu_seconds(), cpu_seconds(service_pid), cpu_seconds(postgres_pid))
+        started = time.perf_counter()
+        if arguments.rate:
+            stats = await run_open(workload, generator, arguments.rate, arguments.duration, arguments.max_outstanding)
+        else:
+            stats = await run_closed(workload, generator, arguments.clients, arguments.duration)
+        elapsed = time.perf_counter() - started
+        cpu_after = (generator_cpu_seconds(), cpu_seconds(service_pid), cpu_seconds(postgres_pid))
+        problems = (
+            [] if arguments.skip_checks else await check(generator, [house, *accounts], stats.transfers_acknowledged)
+        )
+
+    latencies = sorted(stats.latencies_ms)
+
+    def delta(index: int) -> float | None:
+        before, after = cpu_before[index], cpu_after[index]
+        return round(after - before, 2) if before is not None and after is not None else None
+
+    return {
+        "scenario": arguments.scenario,
+        "mode": f"open loop at {arguments.rate}/s" if arguments.rate else f"closed loop, {arguments.clients} clients",
+        "duration_seconds": round(elapsed, 2),
+        "requests": stats.requests,
+        "requests_per_second": round(stats.requests / elapsed, 1),
+        "transfers_acknowledged": len(stats.transfers_acknowledged),
+        "transfers_per_second": round(len(stats.transfers_acknowledged) / elapsed, 1),
+        "replays_confirmed": stats.replays_confirmed,
+        "latency_ms": {
+            "p50": percentile(latencies, 0.50),
+            "p95": percentile(latencies, 0.95),
+            "p99": percentile(latencies, 0.99),
+            "p99.9": percentile(latencies, 0.999),
+            "max": round(latencies[-1], 3) if latencies else 0.0,
+        },
+        "statuses": {str(k): v for k, v in sorted(stats.statuses.items(), key=lambda item: str(item[0]))},
+        "codes": dict(stats.codes),
+        "cpu_seconds": {"generator": delta(0), "service": delta(1), "postgres": delta(2)},
+        "throughput_timeline": stats.timeline,
+        "checks": {"ok": not problems, "problems": problems[:20], "skipped": arguments.skip_checks},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=SCENARIOS)
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--api-key", help="a poster or admin key (needed when the service requires keys)")
+    parser.add_argument(
+        "--self-serve", action="store_true", help="start an embedded PostgreSQL and a service for this run"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="service worker processes with --self-serve")
+    parser.add_argument("--clients", type=int, default=16, help="closed loop: concurrent clients")
+    parser.add_argument("--rate", type=float, help="open loop: requests per second (overrides --clients)")
+    parser.add_argument("--max-outstanding", type=int, default=512, help="open loop: requests in flight at most")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds")
+    parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--service-pid", type=int)
+    parser.add_argument("--postgres-pid", type=int)
+    parser.add_argument("--report", type=Path, help="also write the JSON report here")
+    parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks (not recommended)")
+    arguments = parser.parse_args(argv)
+    if arguments.rate:
+        arguments.clients = 0
+
+    context = local_service(arguments.workers) if arguments.self_serve else nullcontext(None)
+    with context as service:
+        base_url = service.base_url if service else arguments.base_url
+        service_pid = service.service_pid if service else arguments.service_pid
+        postgres_pid = service.postgres_pid if service else arguments.postgres_pid
+        report = asyncio.run(run(arguments, base_url, service_pid, postgres_pid))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if arguments.report:
+        arguments.report.write_text(text)
+    if not report["checks"]["ok"]:
+        print("CORRECTNESS CHECKS FAILED: " + "; ".join(report["checks"]["problems"][:5]), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""The load generator: scenarios, closed and open loop, a live progress line.
+
+Closed loop: N clients, each sending its next request when the previous one answered.
+Open loop: requests are scheduled at a fixed rate, whatever the service does, and each
+latency is measured from its scheduled send time, so a stalled service shows up as
+latency instead of quietly lowering the offered load (no coordinated omission).
+
+Requests go through aiohttp with keep-alive connections, and bodies are encoded by
+msgspec. The generator reports its own CPU time, so a run can show that it was not the
+bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import random
+import resource
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+
+SCENARIOS = ("uniform", "hot", "zipf", "batch", "mixed", "replay")
+FUNDING = 1_000_000
+BATCH_SIZE = 100
+
+
+@dataclass
+class Stats:
+    latencies_ms: list[float] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+    codes: Counter = field(default_factory=Counter)
+    transfers_acknowledged: dict[str, int] = field(default_factory=dict)
+    transfers_submitted: int = 0
+    requests: int = 0
+    replays_confirmed: int = 0
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (second, completed requests)
+
+
+class Workload:
+    """What to send next, for one scenario over a fixed set of accounts."""
+
+    def __init__(self, scenario: str, accounts: list[str], house: str, seed: int, run_id: str) -> None:
+        self.scenario = scenario
+        self.accounts = accounts
+        self.house = house
+        self.rng = random.Random(seed)
+        self.run_id = run_id
+        self.counter = itertools.count()
+        self.sent: list[dict] = []
+        # Zipf(1.1) over the accounts: a few are very hot, most are cold.
+        weights = [1 / (rank**1.1) for rank in range(1, len(accounts) + 1)]
+        total = sum(weights)
+        self.cumulative = list(itertools.accumulate(w / total for w in weights))
+
+    def _pick(self) -> str:
+        if self.scenario == "zipf":
+            return self.accounts[min(bisect.bisect(self.cumulative, self.rng.random()), len(self.accounts) - 1)]
+        return self.rng.choice(self.accounts)
+
+    def _transfer(self) -> dict:
+        debit = self._pick()
+        credit = self._pick()
+        while credit == debit:
+            credit = self._pick()
+        if self.scenario == "hot":
+            # Every transfer touches the house account, as settlement and fee accounts do.
+            if self.rng.random() < 0.5:
+                debit = self.house
+            else:
+                credit = self.house
+        return {
+            "id": f"{self.run_id}-{next(self.counter)}",
+            "debit_account_id": debit,
+            "credit_account_id": credit,
+            "amount": self.rng.randint(1, 100),
+        }
+
+    def next_request(self) -> tuple[str, str, Any, list[dict]]:
+        """(method, path, JSON body or None, transfers it carries)."""
+        if self.scenario == "batch":
+            transfers = [self._transfer() for _ in range(BATCH_SIZE)]
+            return "POST", "/v1/transfers/batch", {"transfers": transfers}, transfers
+        if self.scenario == "mixed" and self.rng.random() < 0.2:
+            account = self._pick()
+            kind = self.rng.random()
+            if kind < 0.5:
+                return "GET", f"/v1/accounts/{account}/entries?limit=50", None, []
+            if kind < 0.8:
+                return "GET", f"/v1/accounts/{account}", None, []
+            return "GET", f"/v1/accounts/{account}/balance?as_of=2100-01-01T00:00:00Z", None, []
+        if self.scenario == "replay" and self.sent and self.rng.random() < 0.2:
+            body = self.rng.choice(self.sent)
+            return "POST", "/v1/transfers", body, [body]
+        body = self._transfer()
+        if self.scenario == "replay" and len(self.sent) < 100_000:
+            self.sent.append(body)
+        return "POST", "/v1/transfers", body, [body]
+
+
+class Generator:
+    def __init__(self, base_url: str, api_key: str | None, connections: int) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.connections = connections
+        self.session: aiohttp.ClientSession | None = None
+        self.encoder = msgspec.json.Encoder()
+
+    async def __aenter__(self) -> Generator:
+        connector = aiohttp.TCPConnector(limit=self.connections, limit_per_host=self.connections)
+        self.session = aiohttp.ClientSession(
+            connector=connector, headers=self.headers, timeout=aiohttp.ClientTimeout(total=60)
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.session is not None
+        await self.session.close()
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, bytes, dict]:
+        assert self.session is not None
+        data = self.encoder.encode(body) if body is not None else None
+        async with self.session.request(method, self.base_url + path, data=data) as response:
+            return response.status, await response.read(), dict(response.headers)
+
+    async def send(
+        self, stats: Stats, method: str, path: str, body: Any, transfers: list[dict], scheduled: float
+    ) -> None:
+        try:
+            status, content, headers = await self.call(method, path, body)
+        except (TimeoutError, aiohttp.ClientError):
+            status, content, headers = 0, b"", {}
+        stats.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
+        stats.requests += 1
+        stats.statuses[status] += 1
+        stats.transfers_submitted += len(transfers)
+        if status >= 400 and content:
+            try:
+                stats.codes[msgspec.json.decode(content).get("code", "?")] += 1
+            except msgspec.DecodeError:
+                stats.codes["?"] += 1
+        if headers.get("Idempotent-Replayed") == "true":
+            stats.replays_confirmed += 1
+        if path == "/v1/transfers/batch" and status == 200:
+            for result in msgspec.json.decode(content)["results"]:
+                transfer = result.get("transfer") or {}
+                if transfer.get("status") == "posted":
+                    stats.transfers_acknowledged[result["id"]] = transfer["amount"]
+                elif result.get("code"):
+                    stats.codes[result["code"]] += 1
+        elif status == 201 and transfers:
+            stats.transfers_acknowledged[transfers[0]["id"]] = transfers[0]["amount"]
+
+
+async def setup_accounts(generator: Generator, run_id: str, count: int) -> tuple[str, list[str]]:
+    """A house account that may go negative, and `count` funded customer accounts."""
+    house = f"{run_id}-house"
+    await generator.call("POST", "/v1/accounts", {"id": house, "currency": "EUR", "allow_negative_balance": True})
+    accounts = [f"{run_id}-a{i}" for i in range(count)]
+    for start in range(0, count, 500):
+        chunk = accounts[start : start + 500]
+        await asyncio.gather(*(generator.call("POST", "/v1/accounts", {"id": a, "currency": "EUR"}) for a in chunk))
+        funding = [
+            {"id": f"{a}-funding", "debit_account_id": house, "credit_account_id": a, "amount": FUNDING} for a in chunk
+        ]
+        status, content, _ = await generator.call("POST", "/v1/transfers/batch", {"transfers": funding})
+        if status != 200:
+            raise RuntimeError(f"funding failed: {status} {content[:300]!r}")
+    return house, accounts
+
+
+def progress(stats: Stats, started: float, last: list[int]) -> None:
+    elapsed = time.perf_counter() - started
+    done = stats.requests
+    rate = done - last[0]
+    last[0] = done
+    recent = sorted(stats.latencies_ms[-2000:])
+    p99 = recent[int(len(recent) * 0.99)] if recent else 0.0
+    errors = sum(count for status, count in stats.statuses.items() if status >= 500 or status == 0)
+    stats.timeline.append((round(elapsed), rate))
+    print(
+        f"\r{elapsed:6.1f}s  {done:8d} requests  {rate:6d}/s  p99 {p99:7.1f} ms  5xx/failed {errors}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def run_closed(workload: Workload, generator: Generator, clients: int, duration: float) -> Stats:
+    stats = Stats()
+    deadline = time.perf_counter() + duration
+
+    async def client() -> None:
+        while time.perf_counter() < deadline:
+            method, path, body, transfers = workload.next_request()
+            await generator.send(stats, method, path, body, transfers, time.perf_counter())
+
+    await _with_progress(stats, asyncio.gather(*(client() for _ in range(clients))))
+    return stats
+
+
+async def run_open(
+    workload: Workload, generator: Generator, rate: float, duration: float, max_outstanding: int
+) -> Stats:
+    stats = Stats()
+    started = time.perf_counter()
+    outstanding: set[asyncio.Task] = set()
+
+    async def schedule() -> None:
+        for number in itertools.count():
+            scheduled = started + number / rate
+            if scheduled - started >= duration:
+                break
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(outstanding) >= max_outstanding:
+                # The service is this far behind: count the request as failed, keep the schedule.
+                stats.statuses["dropped"] += 1
+                continue
+            method, path, body, transfers = workload.next_request()
+            task = asyncio.create_task(generator.send(stats, method, path, body, transfers, scheduled))
+            outstanding.add(task)
+            task.add_done_callback(outstanding.discard)
+        if outstanding:
+            await asyncio.gather(*outstanding)
+
+    await _with_progress(stats, schedule())
+    return stats
+
+
+async def _with_progress(stats: Stats, work: Any) -> None:
+    started, last = time.perf_counter(), [0]
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(1)
+            progress(stats, started, last)
+
+    task = asyncio.create_task(ticker())
+    try:
+        await work
+    finally:
+        task.cancel()
+        print(file=sys.stderr)
+
+
+def generator_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
