@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from loadtest.baseline import baseline_database, create_accounts, pgbench
 from loadtest.checks import check
 from loadtest.generator import (
     SCENARIOS,
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-pid", type=int)
     parser.add_argument("--postgres-pid", type=int)
     parser.add_argument("--report", type=Path, help="also write the JSON report here")
+    parser.add_argument(
+        "--baseline", action="store_true", help="first run pgbench with the service's own SQL on the same database"
+    )
+    parser.add_argument("--database-url", help="the service's database, for --baseline without --self-serve")
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks (not recommended)")
     arguments = parser.parse_args(argv)
     if arguments.rate:
@@ -138,7 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         base_url = service.base_url if service else arguments.base_url
         service_pid = service.service_pid if service else arguments.service_pid
         postgres_pid = service.postgres_pid if service else arguments.postgres_pid
+        database_url = service.database_url if service else arguments.database_url
+        baseline = None
+        if arguments.baseline:
+            if not database_url:
+                parser.error("--baseline needs --self-serve or --database-url")
+            kind = "hot" if arguments.scenario == "hot" else "uniform"
+            clients = arguments.clients or 16
+            baseline_url = asyncio.run(baseline_database(database_url))
+            asyncio.run(create_accounts(baseline_url, arguments.accounts))
+            tps = pgbench(baseline_url, kind, clients, arguments.duration, arguments.accounts)
+            baseline = {"pgbench": kind, "clients": clients, "transfers_per_second": round(tps, 1)}
         report = asyncio.run(run(arguments, base_url, service_pid, postgres_pid))
+        if baseline is not None:
+            baseline["ratio"] = round(report["transfers_per_second"] / baseline["transfers_per_second"], 3)
+            report["baseline"] = baseline
     text = json.dumps(report, indent=2)
     print(text)
     if arguments.report:
