@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import logging.config
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
+
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import migrate
 from ledger.observability import logging_config
 from ledger.settings import Settings, SettingsError
 
 logger = logging.getLogger("ledger")
+T = TypeVar("T")
 
 
 def _redacted(url: str) -> str:
@@ -87,12 +93,32 @@ def run_migrations(settings: Settings) -> int:
     return 0
 
 
+def _on_database(settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]], *, migrate_first: bool = False) -> T:
+    """Run `work` with an engine on the configured (or embedded) database, then clean up."""
+    from ledger.database import create_engine
+
+    url, embedded = _database(settings)
+    try:
+        if migrate_first:
+            migrate.upgrade(url)
+
+        async def run() -> T:
+            engine = create_engine(settings, url)
+            try:
+                return await work(engine)
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(run())
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
 def audit_verify(settings: Settings, account_id: str | None) -> int:
     """Verify the journal; print the report as JSON; exit 1 when anything is wrong."""
-    import asyncio
     import json
 
-    from ledger.database import create_engine
     from ledger.service import audit
 
     def progress(done: int, total: int, entries: int) -> None:
@@ -106,19 +132,7 @@ def audit_verify(settings: Settings, account_id: str | None) -> int:
                 flush=True,
             )
 
-    async def run(url: str) -> audit.AuditReport:
-        engine = create_engine(settings, url)
-        try:
-            return await audit.verify(engine, account_id, progress)
-        finally:
-            await engine.dispose()
-
-    url, embedded = _database(settings)
-    try:
-        report = asyncio.run(run(url))
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    report = _on_database(settings, lambda engine: audit.verify(engine, account_id, progress))
     print(
         json.dumps(
             {
@@ -139,25 +153,9 @@ def audit_verify(settings: Settings, account_id: str | None) -> int:
 
 def create_key(settings: Settings, role: str, name: str | None) -> int:
     """Create an API key and print it once: only its hash is stored."""
-    import asyncio
-
-    from ledger.database import create_engine
     from ledger.service import keys
 
-    async def run(url: str) -> tuple[str, str]:
-        engine = create_engine(settings, url)
-        try:
-            return await keys.create_key(engine, role, name)
-        finally:
-            await engine.dispose()
-
-    url, embedded = _database(settings)
-    try:
-        migrate.upgrade(url)
-        key_id, key = asyncio.run(run(url))
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    key_id, key = _on_database(settings, lambda engine: keys.create_key(engine, role, name), migrate_first=True)
     print(key)
     print(f"created {role} key {key_id}; store it now, it cannot be shown again", file=sys.stderr)
     return 0

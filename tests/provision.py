@@ -86,3 +86,17 @@ def create_database(server_url: str, prefix: str = "ledger_test") -> str:
 def drop_database(server_url: str, database_url: str) -> None:
     name = urlsplit(database_url).path.lstrip("/")
     asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextmanager
+def migrated_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A fresh database migrated to head, dropped afterwards: for tests that need a
+    ledger of their own (tampering with it, or holding API keys)."""
+    from ledger import migrate
+
+    url = create_database(server_url, prefix=prefix)
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        drop_database(server_url, url)

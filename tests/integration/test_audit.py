@@ -18,7 +18,6 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger import migrate
 from ledger.database import create_engine
 from ledger.http.app import create_app
 from ledger.settings import Settings
@@ -30,10 +29,8 @@ from tests.integration.helpers import open_account, transfer
 @pytest.fixture(scope="module")
 def audit_database(postgres_server_url: str) -> Iterator[str]:
     """A database of its own: these tests corrupt it on purpose."""
-    url = provision.create_database(postgres_server_url, prefix="ledger_audit")
-    migrate.upgrade(url)
-    yield url
-    provision.drop_database(postgres_server_url, url)
+    with provision.migrated_database(postgres_server_url, "ledger_audit") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,8 @@ ADMIN_KEY = "lk_test-admin-key-for-the-role-matrix-0123456789"
 
 @pytest.fixture(scope="module")
 def auth_database(postgres_server_url: str) -> Iterator[str]:
-    url = provision.create_database(postgres_server_url, prefix="ledger_auth")
-    migrate.upgrade(url)
-    yield url
-    provision.drop_database(postgres_server_url, url)
+    with provision.migrated_database(postgres_server_url, "ledger_auth") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
