@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
                 "no API key is configured: every client may call every endpoint. "
                 "Set LEDGER_ADMIN_KEY (or LEDGER_AUTH_REQUIRED=true) outside development."
             )
-        unit_of_work = UnitOfWork(create_session_factory(engine), settings, on_retry=metrics.retry)
+        unit_of_work = UnitOfWork(engine.connect, settings, on_retry=metrics.retry)
         metrics.unit_of_work = unit_of_work
         app.state.engine = engine
         app.state.ledger = Ledger(

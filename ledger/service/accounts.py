@@ -6,13 +6,12 @@ import secrets
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.errors import AccountExistsWithDifferentFields
 from ledger.models import Account
 from ledger.service.queries import ACCOUNT_COLUMNS, STORED_ACCOUNT_COLUMNS
 from ledger.service.records import AccountOutcome, AccountRecord
-from ledger.service.unit_of_work import UnitOfWork
+from ledger.service.unit_of_work import Executor, UnitOfWork
 
 
 def new_account_id() -> str:
@@ -42,7 +41,7 @@ class AccountService:
             "metadata": metadata or {},
         }
 
-        async def work(session: AsyncSession) -> AccountOutcome:
+        async def work(session: Executor) -> AccountOutcome:
             # ON CONFLICT DO NOTHING waits for a concurrent insert of the same id to
             # commit, so the SELECT below always finds the winner.
             inserted = (

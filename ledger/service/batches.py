@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import BatchItem, ItemDecision, LockedAccount, decide_batch
 from ledger.models import Transfer
@@ -30,7 +29,7 @@ from ledger.service.expiry import release_due
 from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import TRANSFER_COLUMNS
 from ledger.service.records import TransferRecord
-from ledger.service.unit_of_work import RetryableConflict, UnitOfWork
+from ledger.service.unit_of_work import Executor, RetryableConflict, UnitOfWork
 from ledger.service.writer import IdsClaimed, Writes, write
 
 MAX_ATTEMPTS = 3
@@ -51,14 +50,14 @@ class BatchService:
         self._lock = locker
 
     async def create(self, items: list[BatchItem]) -> list[BatchResult]:
-        async def work(session: AsyncSession) -> list[BatchResult]:
+        async def work(session: Executor) -> list[BatchResult]:
             results = await self.apply(session, items)
             await session.commit()
             return results
 
         return await self._unit_of_work.run(work)
 
-    async def apply(self, session: AsyncSession, items: list[BatchItem]) -> list[BatchResult]:
+    async def apply(self, session: Executor, items: list[BatchItem]) -> list[BatchResult]:
         """The batch's work inside the caller's transaction (which commits it)."""
         ids = sorted({item.request.id for item in items})
         stored = await _fetch(session, ids)
@@ -87,7 +86,7 @@ class BatchService:
         raise RetryableConflict("batch ids kept being claimed by concurrent requests")
 
 
-async def _fetch(session: AsyncSession, ids: list[str]) -> dict[str, TransferRecord]:
+async def _fetch(session: Executor, ids: list[str]) -> dict[str, TransferRecord]:
     if not ids:
         return {}
     rows = (await session.execute(select(*TRANSFER_COLUMNS).where(Transfer.id.in_(ids)))).mappings().all()

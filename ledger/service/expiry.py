@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ledger.domain import LockedAccount, PendingTransfer, release
 from ledger.service.locking import LOCKED_COLUMNS, locked_account
-from ledger.service.unit_of_work import sqlstate, translate
+from ledger.service.unit_of_work import Executor, sqlstate, translate
 from ledger.service.writer import Writes, write
 
 logger = logging.getLogger("ledger.expiry")
@@ -69,9 +69,7 @@ def expire(transfer: PendingTransfer, accounts: dict[str, LockedAccount], now: d
     writes.change_transfer(transfer.id, status="expired", posted_amount=None, reversed_amount=0, updated_at=now)
 
 
-async def release_due(
-    session: AsyncSession, accounts: dict[str, LockedAccount], now: datetime, writes: Writes
-) -> set[str]:
+async def release_due(session: Executor, accounts: dict[str, LockedAccount], now: datetime, writes: Writes) -> set[str]:
     """Release the due reservations between locked accounts, in memory and into `writes`;
     return their ids."""
     if not any(account.has_due for account in accounts.values()):

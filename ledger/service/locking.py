@@ -18,10 +18,10 @@ from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import LockedAccount
 from ledger.models import Account
+from ledger.service.unit_of_work import Executor
 
 LOCKED_COLUMNS = (
     Account.id,
@@ -62,13 +62,13 @@ CLOCK = text("SELECT clock_timestamp()")
 
 class AccountLocker(Protocol):
     async def __call__(
-        self, session: AsyncSession, account_ids: Iterable[str]
+        self, session: Executor, account_ids: Iterable[str]
     ) -> tuple[dict[str, LockedAccount], datetime]:
         """Lock the existing accounts among `account_ids`; return them and the database clock."""
         ...
 
 
-async def lock_accounts(session: AsyncSession, account_ids: Iterable[str]) -> tuple[dict[str, LockedAccount], datetime]:
+async def lock_accounts(session: Executor, account_ids: Iterable[str]) -> tuple[dict[str, LockedAccount], datetime]:
     ids = sorted(set(account_ids))
     rows = (await session.execute(LOCK, {"ids": ids})).mappings().all()
     now = rows[0]["now"] if rows else (await session.execute(CLOCK)).scalar_one()

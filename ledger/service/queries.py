@@ -5,14 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import BigInteger, ColumnElement, Select, and_, case, cast, exists, func, or_, select, tuple_
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import epoch_microseconds
 from ledger.errors import AccountNotFound, InvalidCursor, TransferNotFound
 from ledger.models import Account, Entry, Transfer
 from ledger.service.pagination import decode_cursor, encode_cursor
 from ledger.service.records import AccountRecord, BalanceRecord, EntryRecord, Page, TransferRecord
-from ledger.service.unit_of_work import UnitOfWork
+from ledger.service.unit_of_work import Executor, UnitOfWork
 
 
 def _due_reserved(side: ColumnElement) -> ColumnElement:
@@ -72,7 +71,7 @@ class LedgerQueries:
         self._unit_of_work = unit_of_work
 
     async def account(self, account_id: str) -> AccountRecord:
-        async def work(session: AsyncSession) -> AccountRecord:
+        async def work(session: Executor) -> AccountRecord:
             row = (await session.execute(select(*ACCOUNT_COLUMNS).where(Account.id == account_id))).mappings().first()
             if row is None:
                 raise AccountNotFound(f"no account with id {account_id!r}")
@@ -148,7 +147,7 @@ class LedgerQueries:
             (after,) = decode_cursor(cursor, (int,))
             statement = statement.where(Entry.sequence > after)
 
-        async def work(session: AsyncSession) -> list:
+        async def work(session: Executor) -> list:
             rows = (await session.execute(statement)).mappings().all()
             if not rows:
                 await _require_account(session, account_id)
@@ -161,7 +160,7 @@ class LedgerQueries:
     async def balance(self, account_id: str, as_of: datetime | None) -> BalanceRecord:
         """The posted balance after the account's last entry at or before `as_of`."""
 
-        async def work(session: AsyncSession) -> BalanceRecord:
+        async def work(session: Executor) -> BalanceRecord:
             moment = as_of
             if moment is None:
                 moment = (await session.execute(select(func.clock_timestamp()))).scalar_one()
@@ -181,13 +180,13 @@ class LedgerQueries:
         return await self._unit_of_work.run(work)
 
     async def _rows(self, statement: Select) -> list:
-        async def work(session: AsyncSession) -> list:
+        async def work(session: Executor) -> list:
             return list((await session.execute(statement)).mappings().all())
 
         return await self._unit_of_work.run(work)
 
 
-async def _require_account(session: AsyncSession, account_id: str) -> None:
+async def _require_account(session: Executor, account_id: str) -> None:
     found = (await session.execute(select(exists().where(Account.id == account_id)))).scalar_one()
     if not found:
         raise AccountNotFound(f"no account with id {account_id!r}")

@@ -28,7 +28,6 @@ from datetime import datetime
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import (
     PendingTransfer,
@@ -44,7 +43,7 @@ from ledger.service.expiry import PENDING_COLUMNS, pending_transfer, release_due
 from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import TRANSFER_COLUMNS
 from ledger.service.records import TransferOutcome, TransferRecord
-from ledger.service.unit_of_work import UnitOfWork, constraint_name
+from ledger.service.unit_of_work import Executor, UnitOfWork, constraint_name
 from ledger.service.writer import IdsClaimed, Writes, write
 
 # A violated CHECK on these means the database caught what the Python decision should
@@ -65,14 +64,14 @@ class TransferService:
     # -- create ---------------------------------------------------------------------
 
     async def create(self, request: TransferRequest) -> TransferOutcome:
-        async def work(session: AsyncSession) -> TransferOutcome:
+        async def work(session: Executor) -> TransferOutcome:
             outcome = await self._create(session, request)
             await session.commit()
             return outcome
 
         return await self._unit_of_work.run(work)
 
-    async def _create(self, session: AsyncSession, request: TransferRequest) -> TransferOutcome:
+    async def _create(self, session: Executor, request: TransferRequest) -> TransferOutcome:
         fingerprint = request.fingerprint()
         existing = await fetch_transfer(session, request.id)
         if existing is not None:
@@ -128,7 +127,7 @@ class TransferService:
         return await self._decide(transfer_id, "void", None)
 
     async def _decide(self, transfer_id: str, decision: str, amount: int | None) -> TransferRecord:
-        async def work(session: AsyncSession) -> TransferRecord:
+        async def work(session: Executor) -> TransferRecord:
             current = await fetch_transfer(session, transfer_id)
             if current is None:
                 raise TransferNotFound(f"no transfer with id {transfer_id!r}")
@@ -179,7 +178,7 @@ class TransferService:
             json.dumps(["reverse", original_id, reversal_id, amount], separators=(",", ":")).encode()
         ).digest()
 
-        async def work(session: AsyncSession) -> TransferOutcome:
+        async def work(session: Executor) -> TransferOutcome:
             existing = await fetch_transfer(session, reversal_id)
             if existing is not None:
                 return replay(existing, fingerprint)
@@ -254,20 +253,20 @@ def replay(existing: TransferRecord, fingerprint: bytes) -> TransferOutcome:
     return TransferOutcome(existing.as_created(), replayed=True)
 
 
-async def replay_winner(session: AsyncSession, transfer_id: str, fingerprint: bytes) -> TransferOutcome:
+async def replay_winner(session: Executor, transfer_id: str, fingerprint: bytes) -> TransferOutcome:
     """Another request stored this id first (its commit is visible now): answer with it."""
     winner = await fetch_transfer(session, transfer_id)
     assert winner is not None, "a claimed id means a committed row"
     return replay(winner, fingerprint)
 
 
-async def fetch_transfer(session: AsyncSession, transfer_id: str) -> TransferRecord | None:
+async def fetch_transfer(session: Executor, transfer_id: str) -> TransferRecord | None:
     row = (await session.execute(select(*TRANSFER_COLUMNS).where(Transfer.id == transfer_id))).mappings().first()
     return TransferRecord.from_row(row) if row is not None else None
 
 
 async def record_rejection(
-    session: AsyncSession,
+    session: Executor,
     request: TransferRequest,
     reason: str,
     now: datetime,

@@ -10,18 +10,23 @@ a pool with no free connection within `pool_timeout`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from ledger.errors import DatabaseUnavailable, LedgerError, LockTimeout, Overloaded
 from ledger.settings import Settings
 
 T = TypeVar("T")
+# What a unit of work runs its statements on: a Core connection in the service; sessions
+# have the same execute/begin_nested/commit surface.
+Executor = AsyncConnection | AsyncSession
 logger = logging.getLogger("ledger.unit_of_work")
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
@@ -107,29 +112,33 @@ class UnitOfWork:
 
     def __init__(
         self,
-        session_factory: async_sessionmaker[AsyncSession],
+        connect: Callable[[], AbstractAsyncContextManager[Executor]],
         settings: Settings,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
-        self._session_factory = session_factory
+        # `engine.connect` in the service: Core connections carry no ORM bookkeeping, which
+        # the hot path does not need (a session factory works too, e.g. in tests).
+        self._connect = connect
         self._settings = settings
         self._on_retry = on_retry
         # Units of work waiting for a pooled connection right now (a gauge for /metrics).
         self.waiting = 0
 
-    async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def run(self, work: Callable[[Executor], Awaitable[T]]) -> T:
         attempts = self._settings.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                async with self._session_factory() as session:
+                async with contextlib.AsyncExitStack() as stack:
                     # Take the connection first, so that waiting for the pool is measured.
                     self.waiting += 1
                     try:
-                        await session.connection()
+                        executor = await stack.enter_async_context(self._connect())
+                        if isinstance(executor, AsyncSession):
+                            await executor.connection()
                     finally:
                         self.waiting -= 1
-                    # Leaving this block without commit rolls back (AsyncSession.close).
-                    return await work(session)
+                    # Leaving this block without commit rolls back.
+                    return await work(executor)
             except Exception as error:
                 if is_retryable(error) and attempt < attempts:
                     reason = sqlstate(error) or type(error).__name__

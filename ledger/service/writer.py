@@ -15,9 +15,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import LockedAccount, TransferPlan, TransferRequest
+from ledger.service.unit_of_work import Executor
 
 WRITE = text(
     """
@@ -161,7 +161,7 @@ def _columns(rows: list[dict[str, Any]], prefix: str, keys: list[str], names: li
     return {f"{prefix}_{name}": [row[key] for row in rows] for key, name in zip(keys, names, strict=True)}
 
 
-async def write(session: AsyncSession, writes: Writes) -> None:
+async def write(session: Executor, writes: Writes) -> None:
     if not writes:
         return
     transfer_keys = [
