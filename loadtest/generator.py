@@ -129,7 +129,8 @@ class Generator:
         assert self.session is not None
         data = self.encoder.encode(body) if body is not None else None
         async with self.session.request(method, self.base_url + path, data=data) as response:
-            return response.status, await response.read(), dict(response.headers)
+            # Header names lower-cased: servers may send either case.
+            return response.status, await response.read(), {k.lower(): v for k, v in response.headers.items()}
 
     async def send(
         self, stats: Stats, method: str, path: str, body: Any, transfers: list[dict], scheduled: float
@@ -147,7 +148,7 @@ class Generator:
                 stats.codes[msgspec.json.decode(content).get("code", "?")] += 1
             except msgspec.DecodeError:
                 stats.codes["?"] += 1
-        if headers.get("Idempotent-Replayed") == "true":
+        if headers.get("idempotent-replayed") == "true":
             stats.replays_confirmed += 1
         if path == "/v1/transfers/batch" and status == 200:
             for result in msgspec.json.decode(content)["results"]:

@@ -2,18 +2,17 @@
 
 Creating a transfer is one database transaction:
 
-1. Read the id's record. If there is one, this is a replay (same request) or a
-   conflict (other fields), and nothing else happens.
-2. Lock both accounts with one ordered `SELECT ... FOR UPDATE` (see `locking`), and
+1. Lock both accounts with one ordered `SELECT ... FOR UPDATE` (see `locking`), and
    release their reservations that are past expiry (lazy expiry, see `expiry`).
-3. In a savepoint, decide in memory (`ledger.domain.decide_transfer`) and write the
+2. In a savepoint, decide in memory (`ledger.domain.decide_transfer`) and write the
    transfer, its journal entries and the account states in one statement (`writer`).
    A refusal, or a constraint the database enforces (the same invariants again), rolls
    back to the savepoint and the refusal is recorded instead, in the same transaction:
-   the id's outcome is permanent either way. Losing a race on the same id (another
-   request stored it first) also rolls back to the savepoint, and the winner's outcome
-   is returned.
-4. Commit.
+   the id's outcome is permanent either way. If the id already has an outcome (a
+   replay, or another request with the same id that got there first), the write stores
+   nothing, the savepoint rolls back, and the stored outcome is returned: a replay when
+   the request is the same, 409 when its fields differ.
+3. Commit.
 
 Post, void and reverse lock the accounts first too, then the transfer's row, so they
 serialise with each other and with expiry: one decision wins, the others see it.
@@ -72,11 +71,10 @@ class TransferService:
         return await self._unit_of_work.run(work)
 
     async def _create(self, session: Executor, request: TransferRequest) -> TransferOutcome:
+        # No read of the id first: the write below stores the id only if it is new, and
+        # otherwise rolls back to its savepoint and answers with the stored outcome. New
+        # transfers (the common case) save a round trip; replays cost a lock instead.
         fingerprint = request.fingerprint()
-        existing = await fetch_transfer(session, request.id)
-        if existing is not None:
-            return replay(existing, fingerprint)
-
         accounts, now = await self._lock(session, (request.debit_account_id, request.credit_account_id))
         writes = Writes()
         await release_due(session, accounts, now, writes)
