@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from ledger.errors import DecisionRefused, TransferRefused
 
 MAX_AMOUNT = 2**63 - 1  # PostgreSQL bigint
+# Ids chosen by clients (accounts, transfers): the contract's rule, checked with fullmatch.
+IDENTIFIER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 HASH_VERSION = "ledger-entry-v1"
 
 

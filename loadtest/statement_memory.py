@@ -17,24 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 
-from ledger.embedded import EmbeddedPostgres
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from loadtest.local import local_service
 
 
 async def sample_peak(process: psutil.Process, stop: asyncio.Event) -> int:
@@ -99,32 +87,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=100_000)
     arguments = parser.parse_args()
-    with tempfile.TemporaryDirectory() as directory:
-        embedded = EmbeddedPostgres(Path(directory) / "pg")
-        url = embedded.start()
-        port = free_port()
-        environment = {
-            **os.environ,
-            "LEDGER_DATABASE_URL": url,
-            "LEDGER_ACCESS_LOG": "false",
-            "LEDGER_LOG_LEVEL": "warning",
-        }
-        server = subprocess.Popen(
-            [sys.executable, "-m", "ledger", "serve", "--port", str(port)], env=environment, stderr=subprocess.DEVNULL
-        )
-        try:
-            base_url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{base_url}/health/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            report = asyncio.run(measure(base_url, psutil.Process(server.pid), arguments.entries))
-        finally:
-            server.terminate()
-            server.wait(30)
-            embedded.stop()
+    with local_service() as service:
+        report = asyncio.run(measure(service.base_url, psutil.Process(service.service_pid), arguments.entries))
     print(json.dumps(report, indent=2))
     return 0 if report["csv_rows"] == arguments.entries else 1
 

@@ -14,9 +14,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from ledger.domain import MAX_AMOUNT
+from ledger.domain import IDENTIFIER_RE, MAX_AMOUNT
 
-IDENTIFIER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CURRENCY_RE = re.compile(r"[A-Z]{3}")
 
 Identifier = Annotated[

@@ -5,15 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from typing import Any
 
+from ledger.domain import IDENTIFIER_RE
 from ledger.errors import InvalidCursor
 
 MAX_CURSOR_LENGTH = 512
 MIN_BIGINT, MAX_BIGINT = -(2**63), 2**63 - 1
-# Cursor strings are always ids (of accounts or transfers).
-IDENTIFIER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def encode_cursor(key: list[Any]) -> str:
@@ -40,6 +38,7 @@ def decode_cursor(cursor: str, shape: tuple[type, ...]) -> list[Any]:
         # cursor must be a 400, not a driver error).
         if isinstance(value, int) and not MIN_BIGINT <= value <= MAX_BIGINT:
             raise InvalidCursor("cursor is not one this service issued")
+        # Cursor strings are always ids (of accounts or transfers).
         if isinstance(value, str) and not IDENTIFIER_RE.fullmatch(value):
             raise InvalidCursor("cursor is not one this service issued")
     return key
