@@ -39,7 +39,7 @@ class Settings:
     max_overflow: int = 10
     pool_timeout_seconds: float = 5.0
     pool_recycle_seconds: int = 1800
-    pool_pre_ping: bool = True
+    pool_pre_ping: bool = False
 
     # Server-side limits, set on every connection so that nothing waits forever.
     lock_timeout_ms: int = 2000

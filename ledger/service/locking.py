@@ -40,23 +40,22 @@ DUE = "t.status = 'pending' AND t.expires_at <= clock_timestamp()"
 
 # clock_timestamp() and the due check are read in the outer query, after the inner one
 # was granted its locks: entries get a time later than any entry committed before.
-LOCK = text(
-    f"""
+LOCK_SQL = f"""
     SELECT locked.*, clock_timestamp() AS now,
            EXISTS (SELECT 1 FROM transfers t
                    WHERE {DUE} AND (t.debit_account_id = locked.id OR t.credit_account_id = locked.id)) AS has_due
     FROM (
         SELECT {", ".join(column.key for column in LOCKED_COLUMNS)}
         FROM accounts
-        WHERE id = ANY(CAST(:ids AS text[]))
+        WHERE id = ANY($1::text[])
            OR id IN (SELECT unnest(ARRAY[t.debit_account_id, t.credit_account_id]) FROM transfers t
-                     WHERE {DUE} AND (t.debit_account_id = ANY(CAST(:ids AS text[]))
-                                      OR t.credit_account_id = ANY(CAST(:ids AS text[]))))
+                     WHERE {DUE} AND (t.debit_account_id = ANY($1::text[]) OR t.credit_account_id = ANY($1::text[])))
         ORDER BY id
         FOR UPDATE
     ) AS locked
     """
-)
+# The same statement for SQLAlchemy (named parameter) and for asyncpg (`$1`, the hot path).
+LOCK = text(LOCK_SQL.replace("$1::text[]", "CAST(:ids AS text[])"))
 CLOCK = text("SELECT clock_timestamp()")
 
 
