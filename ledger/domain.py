@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from ledger.errors import DecisionRefused, TransferRefused
@@ -31,6 +31,8 @@ class TransferRequest:
     timeout_seconds: int | None = None
     description: str | None = None
     metadata: dict[str, str] | None = None
+    # Computed once: a batch needs it several times, and preferably before taking locks.
+    _fingerprint: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> bytes:
         """SHA-256 of the request's canonical JSON: equal iff the requests are the same.
@@ -38,6 +40,12 @@ class TransferRequest:
         Defaults are applied first, so `"pending": false` and an absent `pending` are the
         same request; metadata keys are sorted, so their order does not matter.
         """
+        if self._fingerprint is None:
+            object.__setattr__(self, "_fingerprint", self._canonical_hash())
+        assert self._fingerprint is not None
+        return self._fingerprint
+
+    def _canonical_hash(self) -> bytes:
         canonical = [
             self.id,
             self.debit_account_id,

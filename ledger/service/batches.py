@@ -28,7 +28,7 @@ from ledger.models import Transfer
 from ledger.service.expiry import release_due
 from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import TRANSFER_COLUMNS
-from ledger.service.records import TransferRecord
+from ledger.service.records import TransferRecord, created_record, rejected_record
 from ledger.service.unit_of_work import Executor, RetryableConflict, UnitOfWork
 from ledger.service.writer import IdsClaimed, Writes, write
 
@@ -50,6 +50,9 @@ class BatchService:
         self._lock = locker
 
     async def create(self, items: list[BatchItem]) -> list[BatchResult]:
+        for item in items:
+            item.request.fingerprint()  # hashed now, not while the accounts are locked
+
         async def work(session: Executor) -> list[BatchResult]:
             results = await self.apply(session, items)
             await session.commit()
@@ -81,7 +84,9 @@ class BatchService:
             except IdsClaimed as claimed:
                 stored.update(await _fetch(session, sorted(claimed.ids)))
                 continue
-            return _results(items, decisions, stored, await _fetch(session, [r["id"] for r in writes.transfers]))
+            # The rows are exactly what was just written: answer from memory, without a
+            # read while the locks are held.
+            return _results(items, decisions, stored, _written(items, decisions, now))
         # Ids keep being claimed under us: start the whole transaction again.
         raise RetryableConflict("batch ids kept being claimed by concurrent requests")
 
@@ -122,6 +127,17 @@ def _writes(
         key: account for key, account in after.items() if account != before.get(key) or key in expiries.accounts
     }
     return writes
+
+
+def _written(items: list[BatchItem], decisions: list[ItemDecision], now: datetime) -> dict[str, TransferRecord]:
+    written: dict[str, TransferRecord] = {}
+    for decision in decisions:
+        request = items[decision.index].request
+        if decision.status == "created" and decision.plan is not None:
+            written[request.id] = created_record(request, decision.plan, request.fingerprint())
+        elif decision.recorded and decision.code is not None:
+            written[request.id] = rejected_record(request, decision.code, now)
+    return written
 
 
 def _results(

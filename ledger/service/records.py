@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from ledger.domain import TransferPlan, TransferRequest
+
 T = TypeVar("T")
 
 
@@ -145,3 +147,44 @@ class Page(Generic[T]):
 
     items: list[T]
     next_cursor: str | None
+
+
+def created_record(request: TransferRequest, plan: TransferPlan, fingerprint: bytes) -> TransferRecord:
+    """The stored row is exactly what was just written: answer from memory, no re-read."""
+    return TransferRecord(
+        id=request.id,
+        debit_account_id=request.debit_account_id,
+        credit_account_id=request.credit_account_id,
+        amount=request.amount,
+        currency=plan.currency,
+        pending=request.pending,
+        status=plan.status,
+        code=None,
+        description=request.description,
+        metadata=request.metadata or {},
+        created_at=plan.created_at,
+        updated_at=plan.created_at,
+        request_hash=fingerprint,
+        timeout_seconds=request.timeout_seconds if request.pending else None,
+        expires_at=plan.expires_at,
+    )
+
+
+def rejected_record(request: TransferRequest, code: str, now: datetime) -> TransferRecord:
+    """A recorded refusal as it is stored (`Writes.new_transfer` with status rejected)."""
+    return TransferRecord(
+        id=request.id,
+        debit_account_id=request.debit_account_id,
+        credit_account_id=request.credit_account_id,
+        amount=request.amount,
+        currency=request.currency,
+        pending=request.pending,
+        status="rejected",
+        code=code,
+        description=request.description,
+        metadata=request.metadata or {},
+        created_at=now,
+        updated_at=now,
+        request_hash=request.fingerprint(),
+        timeout_seconds=request.timeout_seconds if request.pending else None,
+    )

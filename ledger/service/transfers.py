@@ -39,7 +39,6 @@ from sqlalchemy import select, text
 
 from ledger.domain import (
     PendingTransfer,
-    TransferPlan,
     TransferRequest,
     check_decision,
     decide_post,
@@ -51,7 +50,7 @@ from ledger.models import Transfer
 from ledger.service.expiry import PENDING_COLUMNS, pending_transfer, release_due
 from ledger.service.locking import LOCK_SQL, AccountLocker, lock_accounts, locked_account
 from ledger.service.queries import TRANSFER_COLUMNS
-from ledger.service.records import TransferOutcome, TransferRecord
+from ledger.service.records import TransferOutcome, TransferRecord, created_record
 from ledger.service.unit_of_work import Executor, UnitOfWork, constraint_name
 from ledger.service.writer import WRITE_ONE_SQL, IdsClaimed, Writes, write, write_one_arguments
 
@@ -262,27 +261,6 @@ async def _create_fast(driver: asyncpg.Connection, request: TransferRequest) -> 
         return None
     await driver.execute("COMMIT")
     return TransferOutcome(created_record(request, plan, fingerprint), replayed=False)
-
-
-def created_record(request: TransferRequest, plan: TransferPlan, fingerprint: bytes) -> TransferRecord:
-    """The stored row is exactly what was just written: answer from memory, no re-read."""
-    return TransferRecord(
-        id=request.id,
-        debit_account_id=request.debit_account_id,
-        credit_account_id=request.credit_account_id,
-        amount=request.amount,
-        currency=plan.currency,
-        pending=request.pending,
-        status=plan.status,
-        code=None,
-        description=request.description,
-        metadata=request.metadata or {},
-        created_at=plan.created_at,
-        updated_at=plan.created_at,
-        request_hash=fingerprint,
-        timeout_seconds=request.timeout_seconds if request.pending else None,
-        expires_at=plan.expires_at,
-    )
 
 
 def _with_status(transfer: PendingTransfer, status: str) -> PendingTransfer:
