@@ -47,9 +47,17 @@ LOCK_SQL = f"""
     FROM (
         SELECT {", ".join(column.key for column in LOCKED_COLUMNS)}
         FROM accounts
-        WHERE id = ANY($1::text[])
-           OR id IN (SELECT unnest(ARRAY[t.debit_account_id, t.credit_account_id]) FROM transfers t
-                     WHERE {DUE} AND (t.debit_account_id = ANY($1::text[]) OR t.credit_account_id = ANY($1::text[])))
+        -- One array of ids (an InitPlan), so that the rows are found through the primary
+        -- key: an OR of the two conditions below made PostgreSQL scan the whole table.
+        WHERE id = ANY(ARRAY(
+            SELECT unnest($1::text[])
+            UNION
+            -- Counterparts of due reservations, one branch per index (an OR scanned every
+            -- pending transfer).
+            SELECT t.credit_account_id FROM transfers t WHERE {DUE} AND t.debit_account_id = ANY($1::text[])
+            UNION
+            SELECT t.debit_account_id FROM transfers t WHERE {DUE} AND t.credit_account_id = ANY($1::text[])
+        ))
         ORDER BY id
         FOR UPDATE
     ) AS locked
