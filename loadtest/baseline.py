@@ -10,6 +10,12 @@ the service would cost with no HTTP, no Python and no round trip to read the
 id first, so a service figure divided by it says how much the rest costs.
 `uniform` picks two distinct accounts at random; `hot` puts account 0 on one side of
 every transfer, as the `hot` scenario does with its house account.
+
+`bulk` is the set-based ceiling for batches: `:batch` transfers per transaction in one
+statement (pick the pairs, lock their accounts in id order, insert the transfers and
+their entries with running sequences and balances, update the accounts). It is what
+PostgreSQL can do when nothing is decided outside it; a batch request of the service
+divided by it says what deciding each transfer in Python, and HTTP, cost.
 """
 
 from __future__ import annotations
@@ -52,6 +58,46 @@ RELEASE SAVEPOINT apply;
 COMMIT;
 """
 
+# The pairs are derived from :seed by hashing, so that the lock statement and the write
+# statement see the same ones (the write alone would lock in no particular order).
+PAIRS = r"""
+    SELECT g, 'pgb-' || a AS debit, 'pgb-' || ((a + 1 + k) % :accounts) AS credit, 1 + abs(h) % 100 AS amount
+    FROM (SELECT g, h, abs(h) % :accounts AS a, abs(h / 7919) % (:accounts - 1) AS k
+          FROM (SELECT g, hashint8(:seed::bigint * 100000 + g) AS h FROM generate_series(1, :batch) AS g) AS x) AS y
+"""
+BULK = rf"""
+\set seed random(0, 1000000000)
+BEGIN;
+SELECT count(*) FROM (SELECT id FROM accounts
+WHERE id IN (SELECT debit FROM ({PAIRS}) AS p1 UNION SELECT credit FROM ({PAIRS}) AS p2) ORDER BY id FOR UPDATE) AS locked;
+WITH p AS MATERIALIZED (SELECT *, gen_random_uuid()::text AS id FROM ({PAIRS}) AS pairs
+), legs AS (
+    SELECT g, id AS transfer_id, debit AS account_id, -amount AS amount FROM p
+    UNION ALL
+    SELECT g, id, credit, amount FROM p
+), numbered AS (
+    SELECT legs.*, a.entries_count + row_number() OVER w AS sequence,
+           a.credits_posted - a.debits_posted + sum(legs.amount) OVER w AS balance_after
+    FROM legs JOIN accounts a ON a.id = legs.account_id
+    WINDOW w AS (PARTITION BY legs.account_id ORDER BY legs.g ROWS UNBOUNDED PRECEDING)
+), t AS (
+    INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status, metadata, request_hash, created_at, updated_at)
+    SELECT id, debit, credit, amount, 'EUR', false, 'posted', '{{}}', sha256(convert_to(id, 'UTF8')), clock_timestamp(), clock_timestamp() FROM p
+), e AS (
+    INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash)
+    SELECT account_id, sequence, transfer_id, amount, balance_after, clock_timestamp(), sha256(convert_to(transfer_id, 'UTF8')) FROM numbered
+)
+UPDATE accounts
+SET debits_posted = debits_posted + s.debits, credits_posted = credits_posted + s.credits,
+    entries_count = entries_count + s.n, last_entry_at = clock_timestamp(),
+    last_entry_hash = sha256(convert_to(s.account_id, 'UTF8'))
+FROM (SELECT account_id, count(*) AS n, sum(CASE WHEN amount < 0 THEN -amount ELSE 0 END) AS debits,
+             sum(CASE WHEN amount > 0 THEN amount ELSE 0 END) AS credits
+      FROM legs GROUP BY account_id) AS s
+WHERE accounts.id = s.account_id;
+COMMIT;
+"""
+
 
 async def baseline_database(database_url: str) -> str:
     """A database of its own on the same server, migrated like the service's: pgbench's
@@ -81,15 +127,16 @@ async def create_accounts(database_url: str, count: int) -> None:
         await connection.close()
 
 
-def pgbench(database_url: str, kind: str, clients: int, duration: float, accounts: int) -> float:
-    """Transfers per second of the baseline (pgbench's tps, initial connections excluded)."""
+def pgbench(database_url: str, kind: str, clients: int, duration: float, accounts: int, batch: int = 100) -> float:
+    """Transfers per second of the baseline (pgbench's tps, initial connections excluded;
+    for `bulk`, times the transfers per transaction)."""
     with tempfile.TemporaryDirectory() as directory:
         script = Path(directory) / f"{kind}.sql"
-        script.write_text(PICK[kind] + TRANSFER)
+        script.write_text(BULK if kind == "bulk" else PICK[kind] + TRANSFER)
         result = subprocess.run(
             [
                 str(binaries_dir() / "pgbench"), "--no-vacuum", "--client", str(clients), "--jobs", str(min(clients, 2)),
-                "--time", str(int(duration)), "--file", str(script), "--define", f"accounts={accounts}",
+                "--time", str(int(duration)), "--file", str(script), "--define", f"accounts={accounts}", "--define", f"batch={batch}",
                 libpq_url(database_url),
             ],
             capture_output=True,
@@ -99,4 +146,4 @@ def pgbench(database_url: str, kind: str, clients: int, duration: float, account
     match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", result.stdout)
     if result.returncode != 0 or match is None:
         raise RuntimeError(f"pgbench failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return float(match.group(1))
+    return float(match.group(1)) * (batch if kind == "bulk" else 1)
