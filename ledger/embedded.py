@@ -63,6 +63,8 @@ def _free_port() -> int:
 class EmbeddedPostgres:
     data_dir: Path
     max_connections: int = 200
+    # A fixed port (e.g. to restart on the same address after a crash); None picks a free one.
+    fixed_port: int | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -95,7 +97,7 @@ class EmbeddedPostgres:
             logger.info("reusing the embedded PostgreSQL already running on port %s", running_port)
             self.port = running_port
         else:
-            self.port = _free_port()
+            self.port = self.fixed_port or _free_port()
             self._pg_ctl(
                 "start",
                 "-w",
@@ -117,6 +119,20 @@ class EmbeddedPostgres:
         if self.started_here:
             self._pg_ctl("stop", "-w", "-m", "fast")
             self.started_here = False
+
+    def crash(self) -> None:
+        """Immediate shutdown: every process exits at once, without a checkpoint, as in a
+        power loss; the next start runs crash recovery from the WAL. For fault tests."""
+        self._pg_ctl("stop", "-w", "-m", "immediate")
+
+    def restart(self) -> None:
+        """Start again on the same port after `crash` (crash recovery runs first)."""
+        self.fixed_port = self.port
+        self.start()
+
+    @property
+    def postmaster_pid(self) -> int:
+        return int((self.pgdata / "postmaster.pid").read_text().split()[0])
 
     def __enter__(self) -> EmbeddedPostgres:
         self.start()

@@ -75,7 +75,12 @@ class RetryableConflict(Exception):
 
 # Errors from the database: through SQLAlchemy, or straight from asyncpg on the hot path
 # (`UnitOfWork.run_on_driver`).
-DATABASE_ERRORS = (sa_exc.DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError)
+DATABASE_ERRORS = (
+    sa_exc.DBAPIError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -92,7 +97,8 @@ def is_connection_lost(error: BaseException) -> bool:
     state = sqlstate(error) or ""
     if state.startswith("08") or state in UNAVAILABLE_SQLSTATES:
         return True
-    if isinstance(error, (asyncpg.InterfaceError, ConnectionError)):
+    if isinstance(error, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, ConnectionError)):
+        # asyncpg's own view that the connection is broken or in an unusable state.
         return True
     return isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)) and not state
 
@@ -205,8 +211,9 @@ async def _on_driver(connection: AsyncConnection, driver: asyncpg.Connection, wo
     try:
         return await work(driver)
     except BaseException as error:
-        if isinstance(error, asyncio.CancelledError) or driver.is_closed():
-            # A statement may still be running: the connection cannot be trusted.
+        if _connection_in_doubt(error, driver):
+            # A statement may still be running, or the protocol's state is unknown (a
+            # cancelled request, a broken socket, a terminated session): never reuse it.
             await connection.invalidate()
         elif driver.is_in_transaction():
             try:
@@ -214,3 +221,11 @@ async def _on_driver(connection: AsyncConnection, driver: asyncpg.Connection, wo
             except Exception:
                 await connection.invalidate()
         raise
+
+
+def _connection_in_doubt(error: BaseException, driver: asyncpg.Connection) -> bool:
+    if driver.is_closed() or not isinstance(error, asyncpg.PostgresError):
+        # Anything but an error the server reported on a statement: the client side
+        # (asyncpg's protocol state) cannot be trusted.
+        return True
+    return is_connection_lost(error)

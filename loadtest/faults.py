@@ -1,0 +1,500 @@
+"""Fault injection under load: crash the database, cut connections, kill the service, and
+check every invariant against what the clients were told.
+
+Each scenario starts its own embedded PostgreSQL (it will be crashed) and its own
+`ledger serve`, runs clients that behave like payment services (every transfer has an
+id; on a 503, a timeout or a broken connection they retry the same id until they get a
+definitive answer), injects one fault while the load runs, lets the clients settle, and
+then compares the database with the clients' record:
+
+- lost: acknowledged (201/200) but not stored as posted with its amount: must be 0;
+- phantom: stored as posted but never acknowledged: must be 0 (clients settle every id);
+- refused but applied: told 4xx, yet stored as posted: must be 0;
+- duplicated: a posted transfer without exactly its two journal entries: must be 0;
+- money conserved (balances sum to zero), no forbidden negative balance, and the
+  service's own audit (`POST /v1/audit/verify`) passes;
+- no 5xx but 503, and every 503 carries `Retry-After`;
+- recovery: seconds from the fault's end (database accepting connections again, or the
+  service restarted) to the first acknowledged transfer: at most 10.
+
+    python -m loadtest.faults pg-crash --duration 30       # a long form
+    python -m loadtest.faults all --duration 6              # every scenario, short
+
+The test suite runs the short forms (`tests/faults/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import httpx
+
+from ledger import migrate
+from ledger.embedded import EmbeddedPostgres
+from loadtest.local import free_port
+
+RECOVERY_BOUND_SECONDS = 10.0
+DEFINITIVE = {200, 201, 404, 409, 422}
+
+
+# -- the system under test ------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """An embedded PostgreSQL and a `ledger serve` process, both restartable."""
+
+    postgres: EmbeddedPostgres
+    database_url: str
+    port: int
+    environment: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_service(self, timeout: float = 30.0) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ledger", "serve", "--port", str(self.port)],
+                env={**os.environ, **self.environment},
+                stdout=log,
+                stderr=log,
+            )
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/health/live", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"the service did not start within {timeout} s; see {self.log_path}")
+
+    def signal_service(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait_service_exit(self, timeout: float) -> float:
+        """Seconds until the service process exited (raises if it did not in time)."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.wait(timeout)
+        return time.monotonic() - started
+
+    def stop_service(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def errors_logged(self) -> list[str]:
+        """Error-level lines of the service's JSON log (a 500 logs one)."""
+        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
+        return [line for line in lines if '"level":"error"' in line or '"level": "error"' in line]
+
+
+@contextmanager
+def bench(**settings: str) -> Iterator[Bench]:
+    """A fresh embedded PostgreSQL and service; `settings` are extra LEDGER_* variables."""
+    with tempfile.TemporaryDirectory(prefix="ledger-faults-") as directory:
+        postgres = EmbeddedPostgres(Path(directory) / "pg")
+        url = postgres.start()
+        migrate.upgrade(url)
+        environment = {
+            "LEDGER_DATABASE_URL": url,
+            "LEDGER_ACCESS_LOG": "false",
+            "LEDGER_LOG_LEVEL": "info",
+            "LEDGER_POOL_TIMEOUT_SECONDS": "2",
+            **settings,
+        }
+        instance = Bench(postgres, url, free_port(), environment, Path(directory) / "service.log")
+        try:
+            instance.start_service()
+            yield instance
+        finally:
+            instance.stop_service()
+            try:
+                postgres.stop()
+            except Exception:  # already crashed or stopped by a scenario
+                pass
+
+
+# -- clients that retry by id ---------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """What the clients were told."""
+
+    acknowledged: dict[str, int] = field(default_factory=dict)  # id -> amount, told applied
+    refused: dict[str, str] = field(default_factory=dict)  # id -> problem code, told refused
+    unresolved: set[str] = field(default_factory=set)  # no definitive answer by the end
+    statuses: Counter[int] = field(default_factory=Counter)  # 0: no response (connection error, timeout)
+    unexpected: list[str] = field(default_factory=list)
+    acknowledged_at: list[float] = field(default_factory=list)  # monotonic times
+    max_503_seconds: float = 0.0
+    attempts: int = 0
+
+    def first_acknowledgement_after(self, moment: float) -> float | None:
+        later = [t for t in self.acknowledged_at if t >= moment]
+        return min(later) - moment if later else None
+
+
+async def settle(http: aiohttp.ClientSession, base_url: str, body: dict, record: Record, give_up_at: float) -> None:
+    """POST one transfer until a definitive answer, retrying the same id like a payment
+    service would."""
+    delay = 0.05
+    while time.monotonic() < give_up_at:
+        record.attempts += 1
+        sent = time.monotonic()
+        try:
+            async with http.post(f"{base_url}/v1/transfers", json=body) as response:
+                status = response.status
+                payload = await response.json(content_type=None)
+                retry_after = response.headers.get("Retry-After")
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            record.statuses[0] += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            continue
+        record.statuses[status] += 1
+        if status in (200, 201):
+            if payload.get("status") == "posted" and payload.get("amount") == body["amount"]:
+                record.acknowledged[body["id"]] = body["amount"]
+                record.acknowledged_at.append(time.monotonic())
+            else:
+                record.unexpected.append(f"{body['id']}: {status} with {payload}")
+            return
+        if status in DEFINITIVE:
+            code = payload.get("code", "") if isinstance(payload, dict) else ""
+            if status == 409:
+                record.unexpected.append(f"{body['id']}: 409 {code} for a retry of the same request")
+            record.refused[body["id"]] = code
+            return
+        if status == 503:
+            record.max_503_seconds = max(record.max_503_seconds, time.monotonic() - sent)
+            if not retry_after:
+                record.unexpected.append(f"{body['id']}: 503 without Retry-After")
+        else:
+            record.unexpected.append(f"{body['id']}: {status} {payload}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
+    record.unresolved.add(body["id"])
+
+
+async def client(
+    index: int,
+    http: aiohttp.ClientSession,
+    base_url: str,
+    accounts: list[str],
+    prefix: str,
+    record: Record,
+    stop: asyncio.Event,
+    settle_seconds: float,
+) -> None:
+    rng = random.Random(index)
+    number = 0
+    while not stop.is_set():
+        debit, credit = rng.sample(accounts, 2)
+        body = {
+            "id": f"{prefix}-c{index}-{number}",
+            "debit_account_id": debit,
+            "credit_account_id": credit,
+            "amount": rng.randint(1, 500),
+        }
+        number += 1
+        # Once stop is set, the id in flight still gets its answer, within the deadline.
+        await settle(http, base_url, body, record, time.monotonic() + 3600)
+        if stop.is_set():
+            break
+    del settle_seconds
+
+
+async def open_accounts(base_url: str, prefix: str, count: int) -> list[str]:
+    """`count` accounts that may not go negative, each funded with 10,000 from a bank
+    account that may (so refusals for insufficient funds happen under load too)."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        bank = f"{prefix}-bank"
+        response = await http.post("/v1/accounts", json={"id": bank, "currency": "EUR", "allow_negative_balance": True})
+        response.raise_for_status()
+        accounts = []
+        for n in range(count):
+            account = f"{prefix}-acct-{n}"
+            (await http.post("/v1/accounts", json={"id": account, "currency": "EUR"})).raise_for_status()
+            funding = {"id": f"{prefix}-fund-{n}", "debit_account_id": bank, "credit_account_id": account,
+                       "amount": 10_000}  # fmt: skip
+            (await http.post("/v1/transfers", json=funding)).raise_for_status()
+            accounts.append(account)
+        return accounts
+
+
+# -- checks ---------------------------------------------------------------------------
+
+
+async def compare(bench_: Bench, prefix: str, record: Record) -> dict:
+    """The database against the clients' record; every count but `checked` must be 0."""
+    connection = await asyncpg.connect(bench_.database_url)
+    try:
+        stored = {
+            row["id"]: (row["amount"], row["status"])
+            for row in await connection.fetch(
+                "SELECT id, amount, status FROM transfers WHERE id LIKE $1 || '-c%'", prefix
+            )
+        }
+        entries = dict(
+            await connection.fetch(
+                "SELECT transfer_id, count(*) FROM entries WHERE transfer_id LIKE $1 || '-c%' GROUP BY transfer_id",
+                prefix,
+            )
+        )
+        total = await connection.fetchval(
+            "SELECT COALESCE(sum(credits_posted - debits_posted), 0) FROM accounts WHERE id LIKE $1 || '-%'", prefix
+        )
+        negative = await connection.fetchval(
+            "SELECT count(*) FROM accounts WHERE id LIKE $1 || '-%' AND NOT allow_negative_balance "
+            "AND credits_posted - debits_posted - pending_debits < 0",
+            prefix,
+        )
+    finally:
+        await connection.close()
+    posted = {key for key, (_, status) in stored.items() if status == "posted"}
+    lost = [key for key, amount in record.acknowledged.items() if stored.get(key) != (amount, "posted")]
+    phantom = [key for key in posted if key not in record.acknowledged and key not in record.unresolved]
+    refused_but_applied = [key for key in record.refused if key in posted]
+    duplicated = [key for key in posted if entries.get(key) != 2]
+    async with httpx.AsyncClient(base_url=bench_.base_url, timeout=120) as http:
+        audit = (await http.post("/v1/audit/verify", json={})).json()
+    return {
+        "checked": len(record.acknowledged) + len(record.refused),
+        "lost": len(lost),
+        "phantom": len(phantom),
+        "refused_but_applied": len(refused_but_applied),
+        "duplicated": len(duplicated),
+        "unresolved": len(record.unresolved),
+        "money_created": int(total),
+        "forbidden_negative_balances": int(negative),
+        "audit_problems": 0 if audit.get("ok") else max(1, len(audit.get("problems", []))),
+        "examples": (lost + phantom + refused_but_applied + duplicated)[:5],
+    }
+
+
+# -- scenarios ------------------------------------------------------------------------
+
+Fault = Callable[[Bench, Record, float], Awaitable[dict]]
+
+
+async def _wait_database(bench_: Bench, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            connection = await asyncpg.connect(bench_.database_url, timeout=1)
+            await connection.close()
+            return
+        except (TimeoutError, OSError, asyncpg.PostgresError):
+            await asyncio.sleep(0.05)
+    raise RuntimeError("the database did not come back")
+
+
+async def pg_crash(bench_: Bench, record: Record, phase: float) -> dict:
+    """Fault: PostgreSQL immediate shutdown (no checkpoint, as a power loss would), down
+    for `phase` seconds, then started again (crash recovery from the WAL). The service is
+    not restarted. Pass: the invariants, 503 with Retry-After (not hangs) while it is
+    down, the first acknowledged transfer within 10 s of the database accepting
+    connections again."""
+    await asyncio.to_thread(bench_.postgres.crash)
+    await asyncio.sleep(phase)
+    await asyncio.to_thread(bench_.postgres.restart)
+    await _wait_database(bench_)
+    return {"back_at": time.monotonic()}
+
+
+async def pg_backend_kill(bench_: Bench, record: Record, phase: float) -> dict:
+    """Fault: SIGKILL of one of the service's database backends; the postmaster then ends
+    every session and reinitialises shared memory (a crash restart). Pass: as pg-crash."""
+    connection = await asyncpg.connect(bench_.database_url)
+    try:
+        pids = [r["pid"] for r in await connection.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'ledger' AND pid <> pg_backend_pid()"
+        )]  # fmt: skip
+    finally:
+        await connection.close()
+    if not pids:
+        raise RuntimeError("the service has no database sessions to kill")
+    os.kill(random.choice(pids), signal.SIGKILL)
+    await asyncio.sleep(0.5)  # the postmaster notices and restarts
+    await _wait_database(bench_)
+    return {"back_at": time.monotonic(), "killed_backend": True}
+
+
+async def pg_terminate(bench_: Bench, record: Record, phase: float) -> dict:
+    """Fault: `pg_terminate_backend` on every session of the service, every 100 ms for
+    `phase` seconds, under load. Pass: the invariants; the pool heals (first
+    acknowledgement within 10 s after the last termination)."""
+    terminated = 0
+    deadline = time.monotonic() + phase
+    connection = await asyncpg.connect(bench_.database_url)
+    try:
+        while time.monotonic() < deadline:
+            terminated += await connection.fetchval(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'ledger' AND pid <> pg_backend_pid()) AS t"
+            )
+            await asyncio.sleep(0.1)
+    finally:
+        await connection.close()
+    return {"back_at": time.monotonic(), "sessions_terminated": terminated}
+
+
+async def service_kill(bench_: Bench, record: Record, phase: float) -> dict:
+    """Fault: SIGKILL of the service mid-load (requests in flight lose their answers),
+    restarted after `phase` seconds. Pass: clients' retries by id end with every transfer
+    applied exactly once; the first acknowledgement within 10 s of the restart."""
+    bench_.signal_service(signal.SIGKILL)
+    await asyncio.to_thread(bench_.wait_service_exit, 10)
+    await asyncio.sleep(phase)
+    await asyncio.to_thread(bench_.start_service)
+    return {"back_at": time.monotonic()}
+
+
+async def service_term(bench_: Bench, record: Record, phase: float) -> dict:
+    """Fault: SIGTERM mid-load (a deploy). Pass: the process exits within 10 s (requests
+    already accepted complete, then it stops), nothing is lost or doubled, and after a
+    restart clients carry on."""
+    bench_.signal_service(signal.SIGTERM)
+    exit_seconds = await asyncio.to_thread(bench_.wait_service_exit, 10)
+    await asyncio.sleep(phase)
+    await asyncio.to_thread(bench_.start_service)
+    return {"back_at": time.monotonic(), "exit_seconds": round(exit_seconds, 2)}
+
+
+SCENARIOS: dict[str, Fault] = {
+    "pg-crash": pg_crash,
+    "pg-backend-kill": pg_backend_kill,
+    "pg-terminate": pg_terminate,
+    "service-kill": service_kill,
+    "service-term": service_term,
+}
+
+
+async def run_scenario(name: str, bench_: Bench, *, clients: int = 8, phase: float = 2.0) -> dict:
+    """Load for `phase` s, the fault, load for `phase` s after recovery, settle, compare."""
+    prefix = f"f{secrets.token_hex(3)}"
+    accounts = await open_accounts(bench_.base_url, prefix, 10)
+    record = Record()
+    stop = asyncio.Event()
+    timeout = aiohttp.ClientTimeout(total=15)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as http:
+        tasks = [
+            asyncio.create_task(client(i, http, bench_.base_url, accounts, prefix, record, stop, 60))
+            for i in range(clients)
+        ]
+        await asyncio.sleep(phase)
+        acknowledged_before = len(record.acknowledged)
+        fault = await SCENARIOS[name](bench_, record, phase)
+        await asyncio.sleep(phase)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    recovery = record.first_acknowledgement_after(fault.pop("back_at"))
+    comparison = await compare(bench_, prefix, record)
+    server_errors = {status: n for status, n in record.statuses.items() if status >= 500 and status != 503}
+    report = {
+        "scenario": name,
+        "clients": clients,
+        "phase_seconds": phase,
+        "acknowledged": len(record.acknowledged),
+        "acknowledged_before_fault": acknowledged_before,
+        "refused": len(record.refused),
+        "attempts": record.attempts,
+        "statuses": {str(k): v for k, v in sorted(record.statuses.items())},
+        "server_errors": server_errors,
+        "unexpected": record.unexpected[:10],
+        "longest_503_seconds": round(record.max_503_seconds, 3),
+        "recovery_seconds": round(recovery, 3) if recovery is not None else None,
+        "errors_logged": len(bench_.errors_logged()),
+        "error_examples": [line[-1500:] for line in bench_.errors_logged()[:2]],
+        **fault,
+        **comparison,
+    }
+    report["passed"] = not failures(report)
+    return report
+
+
+INVARIANTS = (
+    "lost", "phantom", "refused_but_applied", "duplicated", "unresolved", "money_created",
+    "forbidden_negative_balances", "audit_problems",
+)  # fmt: skip
+
+
+INVARIANTS = (
+    "lost", "phantom", "refused_but_applied", "duplicated", "unresolved", "money_created",
+    "forbidden_negative_balances", "audit_problems",
+)  # fmt: skip
+
+
+def failures(report: dict) -> list[str]:
+    """Why a scenario's report fails its pass figures (empty when it passes)."""
+    problems = [f"{key} = {report[key]}" for key in INVARIANTS if report[key]]
+    if report["server_errors"]:
+        problems.append(f"5xx other than 503: {report['server_errors']}")
+    if report["unexpected"]:
+        problems.append(f"unexpected answers: {report['unexpected'][:3]}")
+    if report["recovery_seconds"] is None or report["recovery_seconds"] > RECOVERY_BOUND_SECONDS:
+        problems.append(f"recovery took {report['recovery_seconds']} s (bound {RECOVERY_BOUND_SECONDS})")
+    if report["acknowledged_before_fault"] == 0:
+        problems.append("no transfer was acknowledged before the fault: the load did not run")
+    if report.get("exit_seconds", 0) > 10:
+        problems.append(f"graceful stop took {report['exit_seconds']} s")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.faults", description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load before and after the fault")
+    parser.add_argument("--report", type=Path)
+    arguments = parser.parse_args(argv)
+    names = list(SCENARIOS) if arguments.scenario == "all" else [arguments.scenario]
+    reports = []
+    for name in names:
+        with bench() as instance:
+            report = asyncio.run(run_scenario(name, instance, clients=arguments.clients, phase=arguments.duration))
+        reports.append(report)
+        verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(failures(report))
+        print(f"{name}: {report['acknowledged']} acknowledged, recovery {report['recovery_seconds']} s, {verdict}",
+              file=sys.stderr)  # fmt: skip
+    text = json.dumps(reports, indent=2)
+    print(text)
+    if arguments.report:
+        arguments.report.write_text(text)
+    return 0 if all(r["passed"] for r in reports) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
