@@ -10,7 +10,11 @@ earlier transfer id). --clients N runs a closed loop; --rate R an open loop at R
 requests per second. The report (JSON, to stdout and --report FILE) has throughput,
 latency percentiles, errors by status and code, and the CPU seconds of the generator
 and, when their process ids are known (--self-serve, or --service-pid/--postgres-pid),
-of the service and PostgreSQL. The run exits 1 when a correctness check fails.
+of the service and PostgreSQL, and per-second timelines of throughput and latency
+(p50, p99). --plots DIR also writes PNG plots of the run. --sweep 1,2,4,8 runs the
+scenario once per client count (closed loop, --duration each, on the same service) and
+reports throughput, latency and CPU per count (with --plots, a PNG of the curve). The run
+exits 1 when a correctness check fails.
 """
 
 from __future__ import annotations
@@ -107,8 +111,74 @@ async def run(arguments: argparse.Namespace, base_url: str, service_pid: int | N
         "codes": dict(stats.codes),
         "cpu_seconds": {"generator": delta(0), "service": delta(1), "postgres": delta(2)},
         "throughput_timeline": stats.timeline,
+        "transfers_timeline": stats.transfers_timeline,
+        "latency_timeline": stats.latency_timeline,
         "checks": {"ok": not problems, "problems": problems[:20], "skipped": arguments.skip_checks},
     }
+
+
+def client_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of client counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"client counts must be positive integers: {text!r}")
+    return counts
+
+
+def sweep(arguments: argparse.Namespace) -> dict:
+    """One closed-loop run per client count, in order, against the same service (and the
+    same embedded PostgreSQL with --self-serve); each step sets up accounts of its own and
+    is checked on its own."""
+    points: list[dict] = []
+    context = local_service(arguments.workers) if arguments.self_serve else nullcontext(None)
+    with context as service:
+        base_url = service.base_url if service else arguments.base_url
+        service_pid = service.service_pid if service else arguments.service_pid
+        postgres_pid = service.postgres_pid if service else arguments.postgres_pid
+        for clients in arguments.sweep:
+            print(f"sweep: {clients} clients for {arguments.duration:g} s", file=sys.stderr)
+            step = argparse.Namespace(**{**vars(arguments), "clients": clients, "rate": None})
+            report = asyncio.run(run(step, base_url, service_pid, postgres_pid))
+            points.append(
+                {
+                    "clients": clients,
+                    "duration_seconds": report["duration_seconds"],
+                    "transfers_acknowledged": report["transfers_acknowledged"],
+                    "transfers_per_second": report["transfers_per_second"],
+                    "requests_per_second": report["requests_per_second"],
+                    "p50": report["latency_ms"]["p50"],
+                    "p95": report["latency_ms"]["p95"],
+                    "p99": report["latency_ms"]["p99"],
+                    "max": report["latency_ms"]["max"],
+                    "cpu_seconds": report["cpu_seconds"],
+                    "statuses": report["statuses"],
+                    "checks": report["checks"],
+                }
+            )
+    problems = [f"{point['clients']} clients: {problem}" for point in points for problem in point["checks"]["problems"]]
+    return {
+        "scenario": arguments.scenario,
+        "mode": f"closed-loop sweep over {','.join(map(str, arguments.sweep))} clients, {arguments.duration:g} s each",
+        "sweep": points,
+        "checks": {
+            "ok": all(point["checks"]["ok"] for point in points),
+            "problems": problems[:20],
+            "skipped": arguments.skip_checks,
+        },
+    }
+
+
+def emit(report: dict, arguments: argparse.Namespace) -> int:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if arguments.report:
+        arguments.report.write_text(text)
+    if not report["checks"]["ok"]:
+        print("CORRECTNESS CHECKS FAILED: " + "; ".join(report["checks"]["problems"][:5]), file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +204,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--database-url", help="the service's database, for --baseline without --self-serve")
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks (not recommended)")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots of the run (or the sweep) here")
+    parser.add_argument(
+        "--sweep",
+        type=client_counts,
+        metavar="N,N,...",
+        help="closed loop once per client count (e.g. 1,2,4,8,16,32), --duration each, on the same service",
+    )
     arguments = parser.parse_args(argv)
+    if arguments.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plots needs matplotlib: .venv/bin/pip install -e '.[loadtest]'")
+    if arguments.sweep:
+        if arguments.rate:
+            parser.error("--sweep runs closed loops: leave out --rate")
+        if arguments.baseline:
+            parser.error("--baseline is for single runs, not --sweep")
+        report = sweep(arguments)
+        if arguments.plots:
+            from loadtest.plots import plot_sweep
+
+            report["plots"] = [str(plot_sweep(report["sweep"], arguments.plots, arguments.scenario))]
+        return emit(report, arguments)
     if arguments.rate:
         arguments.clients = 0
 
@@ -158,14 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         if baseline is not None:
             baseline["ratio"] = round(report["transfers_per_second"] / baseline["transfers_per_second"], 3)
             report["baseline"] = baseline
-    text = json.dumps(report, indent=2)
-    print(text)
-    if arguments.report:
-        arguments.report.write_text(text)
-    if not report["checks"]["ok"]:
-        print("CORRECTNESS CHECKS FAILED: " + "; ".join(report["checks"]["problems"][:5]), file=sys.stderr)
-        return 1
-    return 0
+    if arguments.plots:
+        from loadtest.plots import plot_run
+
+        report["plots"] = [str(path) for path in plot_run(report, arguments.plots)]
+    return emit(report, arguments)
 
 
 if __name__ == "__main__":

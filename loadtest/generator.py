@@ -41,6 +41,10 @@ class Stats:
     requests: int = 0
     replays_confirmed: int = 0
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (second, completed requests)
+    # (second, transfers acknowledged in that second)
+    transfers_timeline: list[tuple[float, int]] = field(default_factory=list)
+    # (second, p50 ms, p99 ms) of the requests completed in that second; None when none completed
+    latency_timeline: list[tuple[float, float | None, float | None]] = field(default_factory=list)
 
 
 class Workload:
@@ -179,16 +183,27 @@ async def setup_accounts(generator: Generator, run_id: str, count: int) -> tuple
 
 
 def progress(stats: Stats, started: float, last: list[int]) -> None:
+    """Once a second: the timelines and the live line. `last` holds the request and
+    acknowledged-transfer counts of the previous tick; latencies_ms has one value per
+    request, so the values since the previous tick are exactly that second's, and sorting
+    them (about a second's worth of floats) is all the percentiles cost."""
     elapsed = time.perf_counter() - started
     done = stats.requests
-    rate = done - last[0]
-    last[0] = done
-    recent = sorted(stats.latencies_ms[-2000:])
-    p99 = recent[int(len(recent) * 0.99)] if recent else 0.0
-    errors = sum(count for status, count in stats.statuses.items() if status >= 500 or status == 0)
+    acknowledged = len(stats.transfers_acknowledged)
+    rate, transfers = done - last[0], acknowledged - last[1]
+    second = sorted(stats.latencies_ms[last[0] : done])
+    last[:] = [done, acknowledged]
+    p50 = round(second[int(len(second) * 0.50)], 2) if second else None
+    p99 = round(second[int(len(second) * 0.99)], 2) if second else None
+    # Failed: no answer (0), a 5xx, or "dropped" by the open loop (a str key, not comparable to ints).
+    errors = sum(
+        count for status, count in stats.statuses.items() if not isinstance(status, int) or status == 0 or status >= 500
+    )
     stats.timeline.append((round(elapsed), rate))
+    stats.transfers_timeline.append((round(elapsed), transfers))
+    stats.latency_timeline.append((round(elapsed), p50, p99))
     print(
-        f"\r{elapsed:6.1f}s  {done:8d} requests  {rate:6d}/s  p99 {p99:7.1f} ms  5xx/failed {errors}",
+        f"\r{elapsed:6.1f}s  {done:8d} requests  {rate:6d}/s  p99 {p99 or 0.0:7.1f} ms  5xx/failed {errors}",
         end="",
         file=sys.stderr,
         flush=True,
@@ -239,7 +254,7 @@ async def run_open(
 
 
 async def _with_progress(stats: Stats, work: Any) -> None:
-    started, last = time.perf_counter(), [0]
+    started, last = time.perf_counter(), [0, 0]
 
     async def ticker() -> None:
         while True:
