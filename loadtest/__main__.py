@@ -247,9 +247,17 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(create_accounts(baseline_url, arguments.accounts))
             tps = pgbench(baseline_url, kind, clients, arguments.duration, arguments.accounts)
             baseline = {"pgbench": kind, "clients": clients, "transfers_per_second": round(tps, 1)}
+            if arguments.scenario == "batch":
+                # The set-based ceiling too: 100 transfers per transaction decided in SQL.
+                bulk = pgbench(baseline_url, "bulk", clients, arguments.duration, arguments.accounts, batch=100)
+                baseline["bulk_ceiling_transfers_per_second"] = round(bulk, 1)
         report = asyncio.run(run(arguments, base_url, service_pid, postgres_pid))
         if baseline is not None:
             baseline["ratio"] = round(report["transfers_per_second"] / baseline["transfers_per_second"], 3)
+            if "bulk_ceiling_transfers_per_second" in baseline:
+                baseline["ratio_to_bulk_ceiling"] = round(
+                    report["transfers_per_second"] / baseline["bulk_ceiling_transfers_per_second"], 3
+                )
             report["baseline"] = baseline
     if arguments.plots:
         from loadtest.plots import plot_run
