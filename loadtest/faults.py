@@ -90,8 +90,11 @@ class Bench:
                     return
             except httpx.TransportError:
                 pass
+            if self.process is not None and self.process.poll() is not None:
+                break
             time.sleep(0.05)
-        raise RuntimeError(f"the service did not start within {timeout} s; see {self.log_path}")
+        tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+        raise RuntimeError(f"the service did not start within {timeout} s:\n{tail}")
 
     def signal_service(self, signum: int) -> None:
         assert self.process is not None
@@ -160,6 +163,7 @@ class Record:
     acknowledged_at: list[float] = field(default_factory=list)  # monotonic times
     max_503_seconds: float = 0.0
     attempts: int = 0
+    replays: int = 0  # answers marked Idempotent-Replayed: the id had an outcome already
 
     def first_acknowledgement_after(self, moment: float) -> float | None:
         later = [t for t in self.acknowledged_at if t >= moment]
@@ -178,12 +182,15 @@ async def settle(http: aiohttp.ClientSession, base_url: str, body: dict, record:
                 status = response.status
                 payload = await response.json(content_type=None)
                 retry_after = response.headers.get("Retry-After")
+                replayed = response.headers.get("Idempotent-Replayed", "").lower() == "true"
         except (TimeoutError, aiohttp.ClientError, ValueError):
             record.statuses[0] += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
             continue
         record.statuses[status] += 1
+        if status in (200, 201) and replayed:
+            record.replays += 1
         if status in (200, 201):
             if payload.get("status") == "posted" and payload.get("amount") == body["amount"]:
                 record.acknowledged[body["id"]] = body["amount"]
@@ -306,7 +313,17 @@ async def compare(bench_: Bench, prefix: str, record: Record) -> dict:
 
 # -- scenarios ------------------------------------------------------------------------
 
-Fault = Callable[[Bench, Record, float], Awaitable[dict]]
+
+@dataclass(frozen=True)
+class Load:
+    """What a fault may need of the running load."""
+
+    http: aiohttp.ClientSession
+    accounts: list[str]
+    prefix: str
+
+
+Fault = Callable[[Bench, Record, float, Load], Awaitable[dict]]
 
 
 async def _wait_database(bench_: Bench, within: float = 30.0) -> None:
@@ -321,7 +338,7 @@ async def _wait_database(bench_: Bench, within: float = 30.0) -> None:
     raise RuntimeError("the database did not come back")
 
 
-async def pg_crash(bench_: Bench, record: Record, phase: float) -> dict:
+async def pg_crash(bench_: Bench, record: Record, phase: float, load: Load) -> dict:
     """Fault: PostgreSQL immediate shutdown (no checkpoint, as a power loss would), down
     for `phase` seconds, then started again (crash recovery from the WAL). The service is
     not restarted. Pass: the invariants, 503 with Retry-After (not hangs) while it is
@@ -334,7 +351,7 @@ async def pg_crash(bench_: Bench, record: Record, phase: float) -> dict:
     return {"back_at": time.monotonic()}
 
 
-async def pg_backend_kill(bench_: Bench, record: Record, phase: float) -> dict:
+async def pg_backend_kill(bench_: Bench, record: Record, phase: float, load: Load) -> dict:
     """Fault: SIGKILL of one of the service's database backends; the postmaster then ends
     every session and reinitialises shared memory (a crash restart). Pass: as pg-crash."""
     connection = await asyncpg.connect(bench_.database_url)
@@ -352,7 +369,7 @@ async def pg_backend_kill(bench_: Bench, record: Record, phase: float) -> dict:
     return {"back_at": time.monotonic(), "killed_backend": True}
 
 
-async def pg_terminate(bench_: Bench, record: Record, phase: float) -> dict:
+async def pg_terminate(bench_: Bench, record: Record, phase: float, load: Load) -> dict:
     """Fault: `pg_terminate_backend` on every session of the service, every 100 ms for
     `phase` seconds, under load. Pass: the invariants; the pool heals (first
     acknowledgement within 10 s after the last termination)."""
@@ -371,7 +388,7 @@ async def pg_terminate(bench_: Bench, record: Record, phase: float) -> dict:
     return {"back_at": time.monotonic(), "sessions_terminated": terminated}
 
 
-async def service_kill(bench_: Bench, record: Record, phase: float) -> dict:
+async def service_kill(bench_: Bench, record: Record, phase: float, load: Load) -> dict:
     """Fault: SIGKILL of the service mid-load (requests in flight lose their answers),
     restarted after `phase` seconds. Pass: clients' retries by id end with every transfer
     applied exactly once; the first acknowledgement within 10 s of the restart."""
@@ -382,7 +399,7 @@ async def service_kill(bench_: Bench, record: Record, phase: float) -> dict:
     return {"back_at": time.monotonic()}
 
 
-async def service_term(bench_: Bench, record: Record, phase: float) -> dict:
+async def service_term(bench_: Bench, record: Record, phase: float, load: Load) -> dict:
     """Fault: SIGTERM mid-load (a deploy). Pass: the process exits within 10 s (requests
     already accepted complete, then it stops), nothing is lost or doubled, and after a
     restart clients carry on."""
@@ -393,12 +410,62 @@ async def service_term(bench_: Bench, record: Record, phase: float) -> dict:
     return {"back_at": time.monotonic(), "exit_seconds": round(exit_seconds, 2)}
 
 
+async def _send_and_hang_up(base_url: str, body: bytes, after: float) -> None:
+    """Send a complete request, then close the socket `after` seconds later, whatever
+    state the server is in (before, during or after the transaction)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        f"POST /v1/transfers HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+    await asyncio.sleep(after)
+    writer.transport.abort()  # a reset, not a polite close
+
+
+async def client_disconnects(bench_: Bench, record: Record, phase: float, load: Load) -> dict:
+    """Fault: clients that hang up mid-request (0 to 20 ms after sending, so before,
+    during and after the transaction commits), 8 at a time for `phase` seconds; then
+    each of those ids is retried by id until it has an answer. Pass: the invariants (the
+    outcome is applied once or not at all, never half, and the retry says which)."""
+    rng = random.Random(7)
+    bodies = []
+    deadline = time.monotonic() + phase
+    number = 0
+    while time.monotonic() < deadline:
+        wave = []
+        for _ in range(8):
+            debit, credit = rng.sample(load.accounts, 2)
+            body = {"id": f"{load.prefix}-cd-{number}", "debit_account_id": debit, "credit_account_id": credit,
+                    "amount": rng.randint(1, 500)}  # fmt: skip
+            number += 1
+            bodies.append(body)
+            wave.append(_send_and_hang_up(bench_.base_url, json.dumps(body).encode(), rng.uniform(0, 0.02)))
+        await asyncio.gather(*wave, return_exceptions=True)
+        await asyncio.sleep(0.02)
+    give_up_at = time.monotonic() + 120
+    pending = iter(bodies)
+
+    # Their own connections: the load's are all busy with the running clients.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+
+        async def retry_by_id() -> None:
+            for body in pending:
+                await settle(http, bench_.base_url, body, record, give_up_at)
+
+        await asyncio.gather(*(retry_by_id() for _ in range(4)))
+    return {"back_at": time.monotonic() - 0.001, "hung_up_requests": len(bodies)}
+
+
 SCENARIOS: dict[str, Fault] = {
     "pg-crash": pg_crash,
     "pg-backend-kill": pg_backend_kill,
     "pg-terminate": pg_terminate,
     "service-kill": service_kill,
     "service-term": service_term,
+    "client-disconnect": client_disconnects,
 }
 
 
@@ -416,7 +483,7 @@ async def run_scenario(name: str, bench_: Bench, *, clients: int = 8, phase: flo
         ]
         await asyncio.sleep(phase)
         acknowledged_before = len(record.acknowledged)
-        fault = await SCENARIOS[name](bench_, record, phase)
+        fault = await SCENARIOS[name](bench_, record, phase, Load(http, accounts, prefix))
         await asyncio.sleep(phase)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
@@ -431,6 +498,7 @@ async def run_scenario(name: str, bench_: Bench, *, clients: int = 8, phase: flo
         "acknowledged_before_fault": acknowledged_before,
         "refused": len(record.refused),
         "attempts": record.attempts,
+        "replays": record.replays,
         "statuses": {str(k): v for k, v in sorted(record.statuses.items())},
         "server_errors": server_errors,
         "unexpected": record.unexpected[:10],
@@ -473,16 +541,110 @@ def failures(report: dict) -> list[str]:
     return problems
 
 
+OVERLOAD_SETTINGS = {
+    "LEDGER_POOL_SIZE": "2",
+    "LEDGER_MAX_OVERFLOW": "0",
+    "LEDGER_POOL_TIMEOUT_SECONDS": "0.5",
+    # Long enough that the two blocked transfers hold their connections all along.
+    "LEDGER_LOCK_TIMEOUT_MS": "60000",
+    "LEDGER_STATEMENT_TIMEOUT_MS": "70000",
+}
+
+
+async def overload(bench_: Bench, *, requests: int = 2000, concurrency: int = 64) -> dict:
+    """Fault: overload. Run with `bench(**OVERLOAD_SETTINGS)`: a pool of 2 connections,
+    no overflow, a pool timeout of 0.5 s. Both connections are held by transfers waiting
+    for an account locked outside the service, while `concurrency` clients send
+    `requests` transfers between other accounts. Pass: each of those is answered 503
+    `overloaded` with Retry-After within pool timeout + 1 s (nothing queues without
+    bound), the service's memory grows by less than 50 MB, and once the lock is gone
+    every id, retried, is applied exactly once (the usual invariants)."""
+    import psutil
+
+    prefix = f"o{secrets.token_hex(3)}"
+    accounts = await open_accounts(bench_.base_url, prefix, 10)
+    locked, others = accounts[0], accounts[1:]
+    record = Record()
+    process = psutil.Process(bench_.process.pid if bench_.process else 0)
+    holder = await asyncpg.connect(bench_.database_url)
+    latencies: list[float] = []
+    codes: Counter[str] = Counter()
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", locked)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+            blocked = []
+            for n in range(2):
+                body = {"id": f"{prefix}-c-blocked-{n}", "debit_account_id": locked, "credit_account_id": others[n],
+                        "amount": 1}  # fmt: skip
+                blocked.append(asyncio.create_task(settle(http, bench_.base_url, body, record, time.monotonic() + 60)))
+            await asyncio.sleep(0.5)  # both hold a pooled connection now, waiting for the lock
+            rss_before = process.memory_info().rss
+            rng = random.Random(3)
+            bodies = []
+            for n in range(requests):
+                debit, credit = rng.sample(others, 2)
+                bodies.append({"id": f"{prefix}-c-{n}", "debit_account_id": debit, "credit_account_id": credit,
+                               "amount": rng.randint(1, 50)})  # fmt: skip
+            queue = iter(bodies)
+
+            async def fire() -> None:
+                for body in queue:
+                    sent = time.monotonic()
+                    async with http.post(f"{bench_.base_url}/v1/transfers", json=body) as response:
+                        payload = await response.json(content_type=None)
+                        latencies.append(time.monotonic() - sent)
+                        codes[f"{response.status} {payload.get('code', '')}".strip()] += 1
+                        if response.status == 503 and not response.headers.get("Retry-After"):
+                            record.unexpected.append("503 without Retry-After")
+
+            await asyncio.gather(*(fire() for _ in range(concurrency)))
+            rss_after = process.memory_info().rss
+            blocked_done_early = sum(task.done() for task in blocked)
+            await holder.execute("ROLLBACK")
+            await asyncio.gather(*blocked)
+            give_up_at = time.monotonic() + 120
+            await asyncio.gather(*(settle(http, bench_.base_url, body, record, give_up_at) for body in bodies))
+    finally:
+        await holder.close()
+    comparison = await compare(bench_, prefix, record)
+    return {
+        "scenario": "overload",
+        "requests": requests,
+        "concurrency": concurrency,
+        "answers_while_overloaded": dict(codes),
+        "slowest_answer_seconds": round(max(latencies), 3),
+        "rss_growth_mb": round((rss_after - rss_before) / 2**20, 1),
+        "blocked_requests_finished_before_release": blocked_done_early,
+        "unexpected": record.unexpected[:5],
+        **comparison,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.faults", description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    parser.add_argument("scenario", choices=[*SCENARIOS, "overload", "all"])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load before and after the fault")
     parser.add_argument("--report", type=Path)
     arguments = parser.parse_args(argv)
-    names = list(SCENARIOS) if arguments.scenario == "all" else [arguments.scenario]
+    names = [*SCENARIOS, "overload"] if arguments.scenario == "all" else [arguments.scenario]
     reports = []
     for name in names:
+        if name == "overload":
+            with bench(**OVERLOAD_SETTINGS) as instance:
+                report = asyncio.run(overload(instance, requests=int(200 * arguments.duration)))
+            report["passed"] = (
+                set(report["answers_while_overloaded"]) == {"503 overloaded"}
+                and report["slowest_answer_seconds"] <= 1.5
+                and report["rss_growth_mb"] < 50
+                and not report["unexpected"]
+                and all(report[key] == 0 for key in INVARIANTS)
+            )
+            reports.append(report)
+            print(f"overload: {report['answers_while_overloaded']}, passed={report['passed']}", file=sys.stderr)
+            continue
         with bench() as instance:
             report = asyncio.run(run_scenario(name, instance, clients=arguments.clients, phase=arguments.duration))
         reports.append(report)

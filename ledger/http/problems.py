@@ -126,8 +126,17 @@ def validation_exception_handler(request: Request, error: ValidationException) -
     return problem_response(400, "validation_error", "The request is not valid", detail, errors=errors or None)
 
 
+# Litestar's way of saying the client hung up before its body arrived.
+CLIENT_GONE = "client disconnected prematurely"
+
+
 def http_exception_handler(request: Request, error: HTTPException) -> Response[bytes]:
     status = error.status_code
+    if status == 500 and error.detail == CLIENT_GONE:
+        # Nothing was done (the body never arrived) and nobody will read the answer: not
+        # a server error. 499 is the status proxies log for it.
+        logger.info("client disconnected before sending its body: %s %s", request.method, request.url.path)
+        return problem_response(499, "client_disconnected", "Client closed request", CLIENT_GONE)
     if status >= 500:
         return internal_error_handler(request, error)
     code, title = HTTP_CODES.get(status, ("http_error", "HTTP error"))

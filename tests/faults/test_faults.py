@@ -15,7 +15,7 @@ import asyncio
 
 import pytest
 
-from loadtest.faults import SCENARIOS, bench, failures, run_scenario
+from loadtest.faults import INVARIANTS, OVERLOAD_SETTINGS, SCENARIOS, bench, failures, overload, run_scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -30,3 +30,19 @@ def test_fault_loses_nothing_and_applies_nothing_twice(scenario: str) -> None:
     # that the service absorbs by retrying on a new connection, at least did not suffer).
     assert report["acknowledged"] > report["acknowledged_before_fault"] > 0, report
     assert report["errors_logged"] == 0, report["error_examples"]
+
+
+def test_overload_is_answered_fast_with_503_and_memory_stays_bounded() -> None:
+    """More concurrent requests (64) than the pool (2, both held by transfers waiting on
+    a locked account) can serve: every one gets 503 `overloaded` with Retry-After within
+    the pool timeout (0.5 s) plus 1 s, the service's RSS grows by less than 50 MB over
+    1,000 such requests, and afterwards each id retried is applied exactly once."""
+    with bench(**OVERLOAD_SETTINGS) as instance:
+        report = asyncio.run(overload(instance, requests=1000, concurrency=64))
+    assert report["answers_while_overloaded"] == {"503 overloaded": 1000}, report
+    assert report["slowest_answer_seconds"] <= 1.5, report
+    assert report["rss_growth_mb"] < 50, report
+    assert report["blocked_requests_finished_before_release"] == 0, report
+    assert not report["unexpected"], report
+    assert all(report[key] == 0 for key in INVARIANTS), report
+    assert report["checked"] == 1002, report
