@@ -19,6 +19,7 @@ from ledger import __version__
 from ledger.database import create_engine, create_session_factory
 from ledger.http.audit import AuditController
 from ledger.http.health import live, metrics_endpoint, ready
+from ledger.http.openapi import complete_openapi, repair_options
 from ledger.http.problems import EXCEPTION_HANDLERS
 from ledger.http.routes import AccountController, TransferController
 from ledger.migrate import head_revision
@@ -90,7 +91,7 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
             await engine.dispose()
 
     metrics = Metrics()
-    return Litestar(
+    app = Litestar(
         route_handlers=[AccountController, TransferController, AuditController, live, ready, metrics_endpoint],
         middleware=[request_id_middleware(metrics, settings.access_log)],
         lifespan=[lifespan],
@@ -106,6 +107,9 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
         ),
         debug=False,
     )
+    complete_openapi(app)
+    repair_options(app)
+    return app
 
 
 async def _auth_enforced(keyring: KeyRing) -> bool:

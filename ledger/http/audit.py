@@ -10,8 +10,8 @@ from litestar.params import JSONBody, QueryParameter
 
 from ledger.errors import InvalidRequest
 from ledger.http.auth import AUDIT, READ
-from ledger.http.body import decode_strict
-from ledger.http.routes import _timestamp
+from ledger.http.problems import READ_PROBLEMS, documented
+from ledger.http.routes import _optional_body, _timestamp
 from ledger.http.schemas import (
     CURRENCY_RE,
     AuditProblemOut,
@@ -23,8 +23,8 @@ from ledger.http.schemas import (
 )
 from ledger.service import audit
 
-CurrencyFilter = Annotated[str | None, QueryParameter(description="Only this currency")]
-AsOf = Annotated[str | None, QueryParameter(description="RFC 3339; default now")]
+CurrencyFilter = Annotated[str | None, QueryParameter(description="Only this currency", pattern=r"^[A-Z]{3}$")]
+AsOf = Annotated[str | None, QueryParameter(description="RFC 3339; default now", format="date-time")]
 
 
 def report_out(report: audit.AuditReport) -> AuditReportOut:
@@ -40,15 +40,21 @@ def report_out(report: audit.AuditReport) -> AuditReportOut:
 class AuditController(Controller):
     tags = ["audit"]
 
-    @post("/v1/audit/verify", operation_id="verifyJournal", status_code=200, guards=[AUDIT])
+    @post(
+        "/v1/audit/verify",
+        operation_id="verifyJournal",
+        status_code=200,
+        guards=[AUDIT],
+        responses=documented(*READ_PROBLEMS, 404, 413, 415),
+    )
     async def verify(self, request: Request, state: State, data: JSONBody[AuditVerify | None] = None) -> AuditReportOut:
         """Recompute every account's balance from its entries and check every entry's hash
         chain (or one account's). `ok` is false when any problem is found; `problems` lists
         up to 1000 of them, `problems_total` counts all."""
-        body = await decode_strict(request, AuditVerify) if await request.body() else AuditVerify()
+        body = await _optional_body(request, AuditVerify) or AuditVerify()
         return report_out(await audit.verify(state.engine, body.account_id))
 
-    @get("/v1/balances", operation_id="getTrialBalance", guards=[READ])
+    @get("/v1/balances", operation_id="getTrialBalance", guards=[READ], responses=documented(*READ_PROBLEMS))
     async def balances(self, state: State, currency: CurrencyFilter = None, as_of: AsOf = None) -> TrialBalanceOut:
         """A trial balance read from one consistent snapshot: per currency the sum of
         debits, of credits, and their difference, which is always 0."""

@@ -6,6 +6,7 @@ import asyncio
 
 from litestar import Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from sqlalchemy import text
 
 from ledger.http.schemas import Health
@@ -19,7 +20,12 @@ async def live() -> Health:
     return Health(status="ok")
 
 
-@get("/health/ready", operation_id="healthReady", tags=["health"])
+@get(
+    "/health/ready",
+    operation_id="healthReady",
+    tags=["health"],
+    responses={503: ResponseSpec(Health, description="Not ready: the database cannot be reached or is not migrated")},
+)
 async def ready(state: State) -> Response[Health]:
     """200 when the database answers and its schema is at this build's migration head."""
     try:

@@ -8,6 +8,7 @@ import re
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 
 from ledger.errors import (
     BatchTooLarge,
@@ -167,3 +168,42 @@ EXCEPTION_HANDLERS = {
     HTTPException: http_exception_handler,
     Exception: internal_error_handler,
 }
+
+
+# -- documentation: every problem a route can answer is in the OpenAPI document --------
+
+PROBLEM_DESCRIPTIONS = {
+    400: "The request is not valid (body, query or path): `validation_error`, `invalid_cursor`",
+    401: "No API key, or an unknown one: `unauthorized`",
+    403: "The key's role may not do this: `forbidden`",
+    404: "The account or transfer does not exist",
+    409: "Conflicts with what is stored, e.g. the id was used with other fields",
+    413: "The body or the batch is too large",
+    415: "The body is not `application/json`",
+    422: "Refused, and the refusal is recorded under the id: e.g. `insufficient_funds`",
+    503: "Retry later, with the same id (see `Retry-After`): `unavailable`, `lock_timeout`, `overloaded`",
+}
+READ_PROBLEMS = (400, 401, 403, 503)
+WRITE_PROBLEMS = (400, 401, 403, 404, 409, 413, 415, 422, 503)
+
+
+def documented(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for these problem statuses (`application/problem+json`)."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            media_type=PROBLEM_MEDIA_TYPE,
+            description=PROBLEM_DESCRIPTIONS[status],
+            generate_examples=False,
+        )
+        for status in statuses
+    }
+
+
+def replayed(kind: type) -> ResponseSpec:
+    """The 200 of a repeated create: the stored outcome, with `Idempotent-Replayed: true`."""
+    return ResponseSpec(
+        data_container=kind,
+        description="A replay: this id was already applied with these fields (`Idempotent-Replayed: true`)",
+        generate_examples=False,
+    )

@@ -16,7 +16,7 @@ from ledger.domain import BatchItem, TransferRequest
 from ledger.errors import AccountNotFound, BatchTooLarge, InvalidRequest, TransferNotFound
 from ledger.http.auth import MOVE_MONEY, READ
 from ledger.http.body import decode_strict
-from ledger.http.problems import refusal_response
+from ledger.http.problems import READ_PROBLEMS, WRITE_PROBLEMS, documented, refusal_response, replayed
 from ledger.http.render import account_out, balance_out, batch_result_out, entry_out, refusal_detail, transfer_out
 from ledger.http.schemas import (
     CURRENCY_RE,
@@ -47,12 +47,14 @@ Limit = Annotated[int | None, QueryParameter(ge=1, le=1000, description="Page si
 Cursor = Annotated[str | None, QueryParameter(max_length=512, description="Opaque cursor from next_cursor")]
 AccountId = Annotated[str, PathParameter(description="The account's id")]
 TransferId = Annotated[str, PathParameter(description="The transfer's id")]
-CurrencyFilter = Annotated[str | None, QueryParameter(description="Only accounts in this currency")]
+CurrencyFilter = Annotated[
+    str | None, QueryParameter(description="Only accounts in this currency", pattern=r"^[A-Z]{3}$")
+]
 AccountFilter = Annotated[str | None, QueryParameter(description="Transfers debiting or crediting this account")]
 StatusFilter = Annotated[str | None, QueryParameter(description="posted, pending, voided, expired or rejected")]
-AsOf = Annotated[str | None, QueryParameter(description="RFC 3339; default now")]
-From = Annotated[str | None, QueryParameter(name="from", description="RFC 3339, inclusive")]
-To = Annotated[str | None, QueryParameter(name="to", description="RFC 3339, inclusive")]
+AsOf = Annotated[str | None, QueryParameter(description="RFC 3339; default now", format="date-time")]
+From = Annotated[str | None, QueryParameter(name="from", description="RFC 3339, inclusive", format="date-time")]
+To = Annotated[str | None, QueryParameter(name="to", description="RFC 3339, inclusive", format="date-time")]
 
 
 def _timestamp(field: str, value: str | None) -> datetime | None:
@@ -87,7 +89,13 @@ class AccountController(Controller):
     path = "/v1/accounts"
     tags = ["accounts"]
 
-    @post("/", operation_id="createAccount", status_code=201, guards=[MOVE_MONEY])
+    @post(
+        "/",
+        operation_id="createAccount",
+        status_code=201,
+        guards=[MOVE_MONEY],
+        responses={**documented(*WRITE_PROBLEMS), 200: replayed(AccountOut)},
+    )
     async def create_account(
         self, request: Request, state: State, data: JSONBody[AccountCreate]
     ) -> Response[AccountOut]:
@@ -109,7 +117,7 @@ class AccountController(Controller):
             )
         return Response(account_out(outcome.account), status_code=200, headers=REPLAYED)
 
-    @get("/", operation_id="listAccounts", guards=[READ])
+    @get("/", operation_id="listAccounts", guards=[READ], responses=documented(*READ_PROBLEMS))
     async def list_accounts(
         self, state: State, limit: Limit = None, cursor: Cursor = None, currency: CurrencyFilter = None
     ) -> AccountPage:
@@ -121,14 +129,19 @@ class AccountController(Controller):
         page = await state.ledger.queries.accounts(currency=currency, limit=_page_size(state, limit), cursor=cursor)
         return AccountPage(data=[account_out(a) for a in page.items], next_cursor=page.next_cursor)
 
-    @get("/{account_id:str}", operation_id="getAccount", guards=[READ])
+    @get("/{account_id:str}", operation_id="getAccount", guards=[READ], responses=documented(*READ_PROBLEMS, 404))
     async def get_account(self, state: State, account_id: AccountId) -> AccountOut:
         """One account with its balances and journal length."""
         if not IDENTIFIER_RE.fullmatch(account_id):
             raise AccountNotFound(f"no account with id {account_id!r}")
         return account_out(await state.ledger.queries.account(account_id))
 
-    @get("/{account_id:str}/entries", operation_id="listAccountEntries", guards=[READ])
+    @get(
+        "/{account_id:str}/entries",
+        operation_id="listAccountEntries",
+        guards=[READ],
+        responses=documented(*READ_PROBLEMS, 404),
+    )
     async def list_entries(
         self,
         request: Request,
@@ -155,7 +168,12 @@ class AccountController(Controller):
         )
         return EntryPage(data=[entry_out(e) for e in page.items], next_cursor=page.next_cursor)
 
-    @get("/{account_id:str}/balance", operation_id="getAccountBalance", guards=[READ])
+    @get(
+        "/{account_id:str}/balance",
+        operation_id="getAccountBalance",
+        guards=[READ],
+        responses=documented(*READ_PROBLEMS, 404),
+    )
     async def get_balance(
         self,
         state: State,
@@ -174,10 +192,12 @@ class VoidPending(msgspec.Struct, forbid_unknown_fields=True):
 
 
 async def _optional_body(request: Request, kind: type[T]) -> T | None:
-    """Post and void may be sent without a body; if there is one, it is decoded strictly."""
+    """Post, void and audit verification may be sent without a body, or with JSON `null`
+    (the OpenAPI document describes these bodies as optional and nullable); any other
+    body is decoded strictly."""
     if not await request.body():
         return None
-    return await decode_strict(request, kind)
+    return await decode_strict(request, kind | None)  # type: ignore[arg-type]
 
 
 CSV_COLUMNS = ("account_id", "sequence", "transfer_id", "amount", "balance_after", "created_at", "hash")
@@ -244,7 +264,13 @@ class TransferController(Controller):
     path = "/v1/transfers"
     tags = ["transfers"]
 
-    @post("/batch", operation_id="createTransferBatch", status_code=200, guards=[MOVE_MONEY])
+    @post(
+        "/batch",
+        operation_id="createTransferBatch",
+        status_code=200,
+        guards=[MOVE_MONEY],
+        responses=documented(*WRITE_PROBLEMS),
+    )
     async def create_batch(self, request: Request, state: State, data: JSONBody[BatchCreate]) -> BatchOut:
         """Apply 1 to 1000 transfers in order, one result per item. Each item keeps the
         single-transfer guarantees (its own id, its own recorded outcome, replays);
@@ -260,7 +286,13 @@ class TransferController(Controller):
             state.metrics.transfer_outcome(result.status if result.status != "rejected" else result.code or "rejected")
         return BatchOut(results=[batch_result_out(result) for result in results])
 
-    @post("/", operation_id="createTransfer", status_code=201, guards=[MOVE_MONEY])
+    @post(
+        "/",
+        operation_id="createTransfer",
+        status_code=201,
+        guards=[MOVE_MONEY],
+        responses={**documented(*WRITE_PROBLEMS), 200: replayed(TransferOut)},
+    )
     async def create_transfer(
         self, request: Request, state: State, data: JSONBody[TransferCreate]
     ) -> Response[TransferOut]:
@@ -270,7 +302,13 @@ class TransferController(Controller):
         outcome = await state.ledger.transfers.create(_transfer_request(body))
         return _transfer_response(outcome, state)
 
-    @post("/{transfer_id:str}/post", operation_id="postPendingTransfer", status_code=200, guards=[MOVE_MONEY])
+    @post(
+        "/{transfer_id:str}/post",
+        operation_id="postPendingTransfer",
+        status_code=200,
+        guards=[MOVE_MONEY],
+        responses=documented(*WRITE_PROBLEMS),
+    )
     async def post_pending(
         self, request: Request, state: State, transfer_id: TransferId, data: JSONBody[PostPending | None] = None
     ) -> TransferOut:
@@ -281,7 +319,13 @@ class TransferController(Controller):
             raise TransferNotFound(f"no transfer with id {transfer_id!r}")
         return transfer_out(await state.ledger.transfers.post(transfer_id, body.amount if body else None))
 
-    @post("/{transfer_id:str}/void", operation_id="voidPendingTransfer", status_code=200, guards=[MOVE_MONEY])
+    @post(
+        "/{transfer_id:str}/void",
+        operation_id="voidPendingTransfer",
+        status_code=200,
+        guards=[MOVE_MONEY],
+        responses=documented(*WRITE_PROBLEMS),
+    )
     async def void_pending(self, request: Request, state: State, transfer_id: TransferId) -> TransferOut:
         """Void a pending transfer: its reservation is released. Repeating it returns the same 200."""
         await _optional_body(request, VoidPending)
@@ -289,7 +333,13 @@ class TransferController(Controller):
             raise TransferNotFound(f"no transfer with id {transfer_id!r}")
         return transfer_out(await state.ledger.transfers.void(transfer_id))
 
-    @post("/{transfer_id:str}/reverse", operation_id="reverseTransfer", status_code=201, guards=[MOVE_MONEY])
+    @post(
+        "/{transfer_id:str}/reverse",
+        operation_id="reverseTransfer",
+        status_code=201,
+        guards=[MOVE_MONEY],
+        responses={**documented(*WRITE_PROBLEMS), 200: replayed(TransferOut)},
+    )
     async def reverse(
         self, request: Request, state: State, transfer_id: TransferId, data: JSONBody[Reverse]
     ) -> Response[TransferOut]:
@@ -300,7 +350,7 @@ class TransferController(Controller):
             raise TransferNotFound(f"no transfer with id {transfer_id!r}")
         return _transfer_response(await state.ledger.transfers.reverse(transfer_id, body.id, body.amount), state)
 
-    @get("/", operation_id="listTransfers", guards=[READ])
+    @get("/", operation_id="listTransfers", guards=[READ], responses=documented(*READ_PROBLEMS))
     async def list_transfers(
         self,
         state: State,
@@ -327,7 +377,7 @@ class TransferController(Controller):
         )
         return TransferPage(data=[transfer_out(t) for t in page.items], next_cursor=page.next_cursor)
 
-    @get("/{transfer_id:str}", operation_id="getTransfer", guards=[READ])
+    @get("/{transfer_id:str}", operation_id="getTransfer", guards=[READ], responses=documented(*READ_PROBLEMS, 404))
     async def get_transfer(self, state: State, transfer_id: TransferId) -> TransferOut:
         """A transfer in its current state, rejected ones included."""
         if not IDENTIFIER_RE.fullmatch(transfer_id):

@@ -32,14 +32,17 @@ Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4
 Amount = Annotated[
     int, msgspec.Meta(ge=1, le=MAX_AMOUNT, description="Minor units (cents), a JSON integer", examples=[1250])
 ]
-MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-MetadataValue = Annotated[str, msgspec.Meta(max_length=512)]
+# PostgreSQL text cannot hold NUL: the pattern says so in the OpenAPI document too (the
+# __post_init__ checks below give the clearer message).
+NO_NUL = r"^[^\x00]*$"
+MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=512, pattern=NO_NUL)]
 Metadata = Annotated[
     dict[MetadataKey, MetadataValue],
     msgspec.Meta(max_length=16, description="Flat string to string map, at most 16 keys"),
 ]
-Description = Annotated[str, msgspec.Meta(max_length=512)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Description = Annotated[str, msgspec.Meta(max_length=512, pattern=NO_NUL)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=NO_NUL)]
 TimeoutSeconds = Annotated[int, msgspec.Meta(ge=1, le=2_592_000)]
 
 
