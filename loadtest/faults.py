@@ -400,9 +400,10 @@ async def service_kill(bench_: Bench, record: Record, phase: float, load: Load) 
 
 
 async def service_term(bench_: Bench, record: Record, phase: float, load: Load) -> dict:
-    """Fault: SIGTERM mid-load (a deploy). Pass: the process exits within 10 s (requests
-    already accepted complete, then it stops), nothing is lost or doubled, and after a
-    restart clients carry on."""
+    """Fault: SIGTERM mid-load (a deploy). Pass: the process exits within 10 s; requests
+    already accepted complete with their answers (no retry finds its id already applied:
+    0 replays), new ones are refused (connection errors, retried by id); nothing is lost
+    or doubled, and after a restart clients carry on."""
     bench_.signal_service(signal.SIGTERM)
     exit_seconds = await asyncio.to_thread(bench_.wait_service_exit, 10)
     await asyncio.sleep(phase)
@@ -538,6 +539,10 @@ def failures(report: dict) -> list[str]:
         problems.append("no transfer was acknowledged before the fault: the load did not run")
     if report.get("exit_seconds", 0) > 10:
         problems.append(f"graceful stop took {report['exit_seconds']} s")
+    if report["scenario"] == "service-term" and report["replays"]:
+        # A replay on retry means a request was applied but its answer never arrived: a
+        # graceful stop must finish the requests it accepted, answers included.
+        problems.append(f"{report['replays']} requests were applied without their answer reaching the client")
     return problems
 
 
