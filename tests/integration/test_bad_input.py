@@ -37,6 +37,10 @@ def transfer_body(uid: str, amount: str = "5", extra: str = "") -> bytes:
         ("5", ',"metadata":{"a":{"b":"c"}}'),
         ("5", ',"description":"\\u0000"'),
         ("5", ',"timeout_seconds":10'),
+        ("5", ',"metadata":{' + ",".join(f'"k{n}":"v"' for n in range(17)) + "}"),
+        ("5", ',"metadata":{"k":"' + "v" * 513 + '"}'),
+        ("5", ',"metadata":{"":"v"}'),
+        ("5", ',"description":"' + "d" * 513 + '"'),
     ],
 )
 async def test_invalid_transfers_are_400_and_record_nothing(
@@ -54,6 +58,16 @@ async def test_invalid_transfers_are_400_and_record_nothing(
     assert stored == 0
     # The id is still free: the same id with a valid body applies.
     assert (await client.post("/v1/transfers", content=transfer_body(uid), headers=JSON)).status_code == 201
+
+
+@pytest.mark.parametrize("field", ["id", "debit_account_id", "credit_account_id"])
+async def test_oversized_and_malformed_ids_are_400(client: AsyncTestClient, uid: str, field: str) -> None:
+    for bad in ("x" * 65, "", "a b", "a|b", "é"):
+        body = {"id": f"id-{uid}", "debit_account_id": f"a-{uid}", "credit_account_id": f"b-{uid}", "amount": 1}
+        body[field] = bad
+        assert_problem(await client.post("/v1/transfers", json=body), 400, "validation_error")
+    too_long = await client.post("/v1/accounts", json={"id": "x" * 65, "currency": "EUR"})
+    assert_problem(too_long, 400, "validation_error")
 
 
 @pytest.mark.parametrize(
