@@ -13,7 +13,8 @@ then compares the database with the clients' record:
 - duplicated: a posted transfer without exactly its two journal entries: must be 0;
 - money conserved (balances sum to zero), no forbidden negative balance, and the
   service's own audit (`POST /v1/audit/verify`) passes;
-- no 5xx but 503, and every 503 carries `Retry-After`;
+- no 5xx but 503, every 503 carries `Retry-After` and comes within 3 s, and no request
+  hangs past the client's 15 s timeout;
 - recovery: seconds from the fault's end (database accepting connections again, or the
   service restarted) to the first acknowledged transfer: at most 10.
 
@@ -51,6 +52,8 @@ from ledger.embedded import EmbeddedPostgres
 from loadtest.local import free_port
 
 RECOVERY_BOUND_SECONDS = 10.0
+# A 503 must come fast, not after a hang: the bench's pool timeout (2 s) plus a margin.
+MAX_503_SECONDS = 3.0
 DEFINITIVE = {200, 201, 404, 409, 422}
 
 
@@ -164,6 +167,7 @@ class Record:
     max_503_seconds: float = 0.0
     attempts: int = 0
     replays: int = 0  # answers marked Idempotent-Replayed: the id had an outcome already
+    timeouts: int = 0  # attempts that got no answer within the client's 15 s: a hang
 
     def first_acknowledgement_after(self, moment: float) -> float | None:
         later = [t for t in self.acknowledged_at if t >= moment]
@@ -183,7 +187,12 @@ async def settle(http: aiohttp.ClientSession, base_url: str, body: dict, record:
                 payload = await response.json(content_type=None)
                 retry_after = response.headers.get("Retry-After")
                 replayed = response.headers.get("Idempotent-Replayed", "").lower() == "true"
-        except (TimeoutError, aiohttp.ClientError, ValueError):
+        except TimeoutError:
+            record.timeouts += 1
+            record.statuses[0] += 1
+            await asyncio.sleep(delay)
+            continue
+        except (aiohttp.ClientError, ValueError):
             record.statuses[0] += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
@@ -504,6 +513,7 @@ async def run_scenario(name: str, bench_: Bench, *, clients: int = 8, phase: flo
         "server_errors": server_errors,
         "unexpected": record.unexpected[:10],
         "longest_503_seconds": round(record.max_503_seconds, 3),
+        "timeouts": record.timeouts,
         "recovery_seconds": round(recovery, 3) if recovery is not None else None,
         "errors_logged": len(bench_.errors_logged()),
         "error_examples": [line[-1500:] for line in bench_.errors_logged()[:2]],
@@ -533,6 +543,10 @@ def failures(report: dict) -> list[str]:
         problems.append(f"5xx other than 503: {report['server_errors']}")
     if report["unexpected"]:
         problems.append(f"unexpected answers: {report['unexpected'][:3]}")
+    if report["timeouts"]:
+        problems.append(f"{report['timeouts']} requests hung past the client's timeout")
+    if report["longest_503_seconds"] > MAX_503_SECONDS:
+        problems.append(f"a 503 took {report['longest_503_seconds']} s (bound {MAX_503_SECONDS})")
     if report["recovery_seconds"] is None or report["recovery_seconds"] > RECOVERY_BOUND_SECONDS:
         problems.append(f"recovery took {report['recovery_seconds']} s (bound {RECOVERY_BOUND_SECONDS})")
     if report["acknowledged_before_fault"] == 0:
