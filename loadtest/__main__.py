@@ -25,8 +25,10 @@ import json
 import secrets
 import sys
 import time
+from collections.abc import Coroutine
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 
@@ -42,6 +44,8 @@ from loadtest.generator import (
     setup_accounts,
 )
 from loadtest.local import local_service
+
+T = TypeVar("T")
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -59,6 +63,17 @@ def cpu_seconds(pid: int | None) -> float | None:
         return total
     except psutil.NoSuchProcess:
         return None
+
+
+def run_fast(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run the generator on uvloop when it is installed (it comes with the service's
+    uvicorn): the generator shares the machine with the service and PostgreSQL, and
+    uvloop roughly halves the CPU its event loop and sockets cost."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -140,7 +155,7 @@ def sweep(arguments: argparse.Namespace) -> dict:
         for clients in arguments.sweep:
             print(f"sweep: {clients} clients for {arguments.duration:g} s", file=sys.stderr)
             step = argparse.Namespace(**{**vars(arguments), "clients": clients, "rate": None})
-            report = asyncio.run(run(step, base_url, service_pid, postgres_pid))
+            report = run_fast(run(step, base_url, service_pid, postgres_pid))
             points.append(
                 {
                     "clients": clients,
@@ -251,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The set-based ceiling too: 100 transfers per transaction decided in SQL.
                 bulk = pgbench(baseline_url, "bulk", clients, arguments.duration, arguments.accounts, batch=100)
                 baseline["bulk_ceiling_transfers_per_second"] = round(bulk, 1)
-        report = asyncio.run(run(arguments, base_url, service_pid, postgres_pid))
+        report = run_fast(run(arguments, base_url, service_pid, postgres_pid))
         if baseline is not None:
             baseline["ratio"] = round(report["transfers_per_second"] / baseline["transfers_per_second"], 3)
             if "bulk_ceiling_transfers_per_second" in baseline:
