@@ -6,7 +6,7 @@ lets every client settle its last id, and compares the database with what the cl
 were told. Pass figures (see each scenario's docstring in `loadtest/faults.py`): 0 lost,
 0 phantom, 0 refused-but-applied, 0 duplicated, 0 unresolved, money conserved, no
 forbidden negative balance, audit verification passes, no 5xx but 503 (each with
-Retry-After, within 3 s), no request hanging past 15 s, first acknowledgement within
+Retry-After, within 5 s), no request hanging past 15 s, first acknowledgement within
 10 s of recovery.
 """
 
