@@ -4,7 +4,9 @@
 when neither a URL nor a Docker engine is available. The server:
 
 - keeps its data in `<data_dir>/pgdata` and is reused on the next start (initdb runs once);
-- listens on 127.0.0.1 only, on a free port, with SCRAM password authentication (the
+- listens on 127.0.0.1 only, on a port chosen free at the first start and kept in
+  `pgdata/ledger.conf` (so the URL stays the same across restarts, including a plain
+  `pg_ctl -D <data_dir>/pgdata start` after a crash), with SCRAM password authentication (the
   password is generated at initdb and kept in `<data_dir>/credentials.json`, mode 0600),
   so other local users cannot connect as its superuser;
 - runs as an unprivileged system user when started by root, because PostgreSQL refuses
@@ -71,6 +73,7 @@ class EmbeddedPostgres:
         self.pgdata = self.data_dir / "pgdata"
         self.credentials_file = self.data_dir / "credentials.json"
         self.log_file = self.data_dir / "postgresql.log"
+        self.config_file = self.pgdata / "ledger.conf"
         self.bin = binaries_dir()
         self.started_here = False
         self.port: int | None = None
@@ -97,18 +100,9 @@ class EmbeddedPostgres:
             logger.info("reusing the embedded PostgreSQL already running on port %s", running_port)
             self.port = running_port
         else:
-            self.port = self.fixed_port or _free_port()
-            self._pg_ctl(
-                "start",
-                "-w",
-                "-t",
-                str(START_TIMEOUT_SECONDS),
-                "-l",
-                str(self.log_file),
-                "-o",
-                f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
-                f"-c max_connections={self.max_connections}",
-            )
+            self.port = self.fixed_port or self._saved_port() or _free_port()
+            self._write_config()
+            self._pg_ctl("start", "-w", "-t", str(START_TIMEOUT_SECONDS), "-l", str(self.log_file))
             self.started_here = True
         self._ensure_database()
         return self.url
@@ -171,6 +165,41 @@ class EmbeddedPostgres:
         else:
             self.log_file.touch(mode=0o600)
             os.chown(self.log_file, self._run_as.pw_uid, self._run_as.pw_gid)
+
+    def _saved_port(self) -> int | None:
+        """The port of the last start, if nothing else listens on it now."""
+        if not self.config_file.exists():
+            return None
+        for line in self.config_file.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "port" and value.strip().isdigit():
+                port = int(value.strip())
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    try:
+                        probe.bind(("127.0.0.1", port))
+                    except OSError:
+                        return None
+                return port
+        return None
+
+    def _write_config(self) -> None:
+        """The connection settings, in a file postgresql.conf includes: whoever starts the
+        server (this class, or an operator with pg_ctl after a crash) gets the same
+        address, so a running service reconnects by itself."""
+        self.config_file.write_text(
+            "# Written by ledger/embedded.py at every start.\n"
+            "listen_addresses = '127.0.0.1'\n"
+            f"port = {self.port}\n"
+            "unix_socket_directories = ''\n"
+            f"max_connections = {self.max_connections}\n"
+        )
+        main_config = self.pgdata / "postgresql.conf"
+        include = "include_if_exists = 'ledger.conf'"
+        if include not in main_config.read_text():
+            with main_config.open("a") as handle:
+                handle.write(f"\n{include}\n")
+        if self._run_as is not None:
+            os.chown(self.config_file, self._run_as.pw_uid, self._run_as.pw_gid)
 
     def _password(self) -> str:
         return str(json.loads(self.credentials_file.read_text())["password"])
