@@ -5,8 +5,12 @@ Open loop: requests are scheduled at a fixed rate, whatever the service does, an
 latency is measured from its scheduled send time, so a stalled service shows up as
 latency instead of quietly lowering the offered load (no coordinated omission).
 
-Requests go through aiohttp with keep-alive connections, and bodies are encoded by
-msgspec. The generator reports its own CPU time, so a run can show that it was not the
+Requests go over keep-alive HTTP/1.1 connections with a minimal client of our own
+(`RawHttp`: one pre-built request head, a read of the status line, headers and a
+`Content-Length` body), and bodies are encoded by msgspec. The generator shares the
+machine with the service and PostgreSQL, so every microsecond it spends is taken from
+them: aiohttp cost about 0.15 ms of CPU per request here. HTTPS base URLs go through
+aiohttp. The generator reports its own CPU time, so a run can show that it was not the
 bottleneck.
 """
 
@@ -22,6 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -108,6 +113,70 @@ class Workload:
         return "POST", "/v1/transfers", body, [body]
 
 
+class HttpError(Exception):
+    """The connection failed or the answer was not HTTP/1.1 as expected."""
+
+
+class RawHttp:
+    """Keep-alive HTTP/1.1 to one host, at most `size` connections at a time."""
+
+    def __init__(self, host: str, port: int, headers: dict[str, str], size: int) -> None:
+        self.host, self.port = host, port
+        self.fixed = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **headers}.items())
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.slots = asyncio.Semaphore(size)
+
+    async def request(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes, dict[str, str]]:
+        async with self.slots:
+            connection = self.idle.pop() if self.idle else await self._open()
+            reader, writer = connection
+            try:
+                head = f"{method} {path} HTTP/1.1\r\n{self.fixed}Content-Length: {len(body or b'')}\r\n\r\n"
+                writer.write(head.encode() + (body or b""))
+                raw = await reader.readuntil(b"\r\n\r\n")
+                lines = raw.decode("latin-1").split("\r\n")
+                status = int(lines[0].split(" ", 2)[1])
+                headers = {}
+                for line in lines[1:]:
+                    if line:
+                        name, _, value = line.partition(":")
+                        headers[name.strip().lower()] = value.strip()
+                if headers.get("transfer-encoding", "").lower() == "chunked":
+                    content = await self._chunked(reader)
+                else:
+                    content = await reader.readexactly(int(headers.get("content-length", "0")))
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as error:
+                writer.close()
+                raise HttpError(str(error)) from error
+            if headers.get("connection", "").lower() == "close":
+                writer.close()
+            else:
+                self.idle.append(connection)
+            return status, content, headers
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.open_connection(self.host, self.port, limit=2**20)
+        except OSError as error:
+            raise HttpError(str(error)) from error
+
+    @staticmethod
+    async def _chunked(reader: asyncio.StreamReader) -> bytes:
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return b"".join(parts)
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
 class Generator:
     def __init__(self, base_url: str, api_key: str | None, connections: int) -> None:
         self.base_url = base_url.rstrip("/")
@@ -116,9 +185,14 @@ class Generator:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.connections = connections
         self.session: aiohttp.ClientSession | None = None
+        self.raw: RawHttp | None = None
         self.encoder = msgspec.json.Encoder()
 
     async def __aenter__(self) -> Generator:
+        parts = urlsplit(self.base_url)
+        if parts.scheme == "http" and parts.hostname:
+            self.raw = RawHttp(parts.hostname, parts.port or 80, self.headers, self.connections)
+            return self
         connector = aiohttp.TCPConnector(limit=self.connections, limit_per_host=self.connections)
         self.session = aiohttp.ClientSession(
             connector=connector, headers=self.headers, timeout=aiohttp.ClientTimeout(total=60)
@@ -126,12 +200,17 @@ class Generator:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self.session is not None
-        await self.session.close()
+        if self.raw is not None:
+            self.raw.close()
+        if self.session is not None:
+            await self.session.close()
 
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, bytes, dict]:
-        assert self.session is not None
         data = self.encoder.encode(body) if body is not None else None
+        if self.raw is not None:
+            async with asyncio.timeout(60):
+                return await self.raw.request(method, urlsplit(self.base_url).path.rstrip("/") + path, data)
+        assert self.session is not None
         async with self.session.request(method, self.base_url + path, data=data) as response:
             # Header names lower-cased: servers may send either case.
             return response.status, await response.read(), {k.lower(): v for k, v in response.headers.items()}
@@ -141,7 +220,7 @@ class Generator:
     ) -> None:
         try:
             status, content, headers = await self.call(method, path, body)
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError, HttpError):
             status, content, headers = 0, b"", {}
         stats.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
         stats.requests += 1
