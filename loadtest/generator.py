@@ -120,39 +120,72 @@ class HttpError(Exception):
 class RawHttp:
     """Keep-alive HTTP/1.1 to one host, at most `size` connections at a time."""
 
+    # Servers close idle keep-alive connections (uvicorn after 5 s): older ones are not reused.
+    IDLE_SECONDS = 3.0
+
     def __init__(self, host: str, port: int, headers: dict[str, str], size: int) -> None:
         self.host, self.port = host, port
         self.fixed = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **headers}.items())
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self.slots = asyncio.Semaphore(size)
 
     async def request(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes, dict[str, str]]:
+        message = f"{method} {path} HTTP/1.1\r\n{self.fixed}Content-Length: {len(body or b'')}\r\n\r\n".encode() + (
+            body or b""
+        )
         async with self.slots:
-            connection = self.idle.pop() if self.idle else await self._open()
-            reader, writer = connection
+            reader, writer, reused = await self._connection()
             try:
-                head = f"{method} {path} HTTP/1.1\r\n{self.fixed}Content-Length: {len(body or b'')}\r\n\r\n"
-                writer.write(head.encode() + (body or b""))
-                raw = await reader.readuntil(b"\r\n\r\n")
-                lines = raw.decode("latin-1").split("\r\n")
-                status = int(lines[0].split(" ", 2)[1])
-                headers = {}
-                for line in lines[1:]:
-                    if line:
-                        name, _, value = line.partition(":")
-                        headers[name.strip().lower()] = value.strip()
-                if headers.get("transfer-encoding", "").lower() == "chunked":
-                    content = await self._chunked(reader)
-                else:
-                    content = await reader.readexactly(int(headers.get("content-length", "0")))
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as error:
-                writer.close()
+                return await self._exchange(reader, writer, message)
+            except asyncio.IncompleteReadError as error:
+                if not (reused and not error.partial):
+                    raise HttpError(str(error)) from error
+            # The server had closed this idle connection before reading the request (so
+            # it did nothing): send it again on a new one.
+            reader, writer = await self._open()
+            try:
+                return await self._exchange(reader, writer, message)
+            except asyncio.IncompleteReadError as error:
                 raise HttpError(str(error)) from error
-            if headers.get("connection", "").lower() == "close":
-                writer.close()
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        now = time.monotonic()
+        while self.idle:
+            reader, writer, last_used = self.idle.pop()
+            if now - last_used < self.IDLE_SECONDS and not reader.at_eof():
+                return reader, writer, True
+            writer.close()
+        reader, writer = await self._open()
+        return reader, writer, False
+
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: bytes
+    ) -> tuple[int, bytes, dict[str, str]]:
+        try:
+            writer.write(message)
+            raw = await reader.readuntil(b"\r\n\r\n")
+            lines = raw.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers = {}
+            for line in lines[1:]:
+                if line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                content = await self._chunked(reader)
             else:
-                self.idle.append(connection)
-            return status, content, headers
+                content = await reader.readexactly(int(headers.get("content-length", "0")))
+        except asyncio.IncompleteReadError:
+            writer.close()
+            raise
+        except (OSError, asyncio.LimitOverrunError, ValueError, IndexError) as error:
+            writer.close()
+            raise HttpError(str(error)) from error
+        if headers.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self.idle.append((reader, writer, time.monotonic()))
+        return status, content, headers
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
@@ -172,7 +205,7 @@ class RawHttp:
             await reader.readexactly(2)
 
     def close(self) -> None:
-        for _, writer in self.idle:
+        for _, writer, _ in self.idle:
             writer.close()
         self.idle.clear()
 
