@@ -264,7 +264,8 @@ class Generator:
                 stats.codes[msgspec.json.decode(content).get("code", "?")] += 1
             except msgspec.DecodeError:
                 stats.codes["?"] += 1
-        if headers.get("idempotent-replayed") == "true":
+        replayed = headers.get("idempotent-replayed") == "true"
+        if replayed:
             stats.replays_confirmed += 1
         if path == "/v1/transfers/batch" and status == 200:
             for result in msgspec.json.decode(content)["results"]:
@@ -273,7 +274,8 @@ class Generator:
                     stats.transfers_acknowledged[result["id"]] = transfer["amount"]
                 elif result.get("code"):
                     stats.codes[result["code"]] += 1
-        elif status == 201 and transfers:
+        elif status == 201 and transfers and not replayed:
+            # A replay acknowledges nothing new (its id may come from the warm-up).
             stats.transfers_acknowledged[transfers[0]["id"]] = transfers[0]["amount"]
 
 
