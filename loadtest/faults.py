@@ -52,6 +52,8 @@ from ledger.embedded import EmbeddedPostgres
 from loadtest.local import free_port
 
 RECOVERY_BOUND_SECONDS = 10.0
+# How long a client retries one id before calling it unresolved: longer than the outage.
+SETTLE_SECONDS = 120.0
 # A 503 must come fast, not after a hang. The bench's pool timeout and lock_timeout are
 # both 2 s; a transfer queued behind others for a locked row can wait twice (PostgreSQL
 # waits for the row's tuple lock, then for the holder's transaction, each bounded by
@@ -250,11 +252,12 @@ async def client(
             "amount": rng.randint(1, 500),
         }
         number += 1
-        # Once stop is set, the id in flight still gets its answer, within the deadline.
-        await settle(http, base_url, body, record, time.monotonic() + 3600)
+        # Once stop is set, the id in flight still gets its answer: each id is retried for
+        # up to `settle_seconds` (longer than any outage a scenario injects), then counted
+        # as unresolved, which fails the scenario.
+        await settle(http, base_url, body, record, time.monotonic() + settle_seconds)
         if stop.is_set():
             break
-    del settle_seconds
 
 
 async def open_accounts(base_url: str, prefix: str, count: int) -> list[str]:
@@ -526,12 +529,13 @@ async def run_scenario(name: str, bench_: Bench, *, clients: int = 8, phase: flo
     """Load for `phase` s, the fault, load for `phase` s after recovery, settle, compare."""
     prefix = f"f{secrets.token_hex(3)}"
     accounts = await open_accounts(bench_.base_url, prefix, 10)
+    settle_seconds = max(SETTLE_SECONDS, 4 * phase)
     record = Record()
     stop = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=15)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as http:
         tasks = [
-            asyncio.create_task(client(i, http, bench_.base_url, accounts, prefix, record, stop, 60))
+            asyncio.create_task(client(i, http, bench_.base_url, accounts, prefix, record, stop, settle_seconds))
             for i in range(clients)
         ]
         await asyncio.sleep(phase)
@@ -539,7 +543,7 @@ async def run_scenario(name: str, bench_: Bench, *, clients: int = 8, phase: flo
         fault = await SCENARIOS[name](bench_, record, phase, Load(http, accounts, prefix))
         await asyncio.sleep(phase)
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=settle_seconds + 30)
     recovery = record.first_acknowledgement_after(fault.pop("back_at"))
     comparison = await compare(bench_, prefix, record)
     server_errors = {status: n for status, n in record.statuses.items() if status >= 500 and status != 503}
