@@ -48,11 +48,10 @@ def complete_openapi(app: Litestar) -> None:
         metadata = (component.properties or {}).get("metadata")
         if isinstance(metadata, Schema):
             _describe_metadata(metadata)
-    for path, item in (document.paths or {}).items():
-        for method in ("post",):
-            operation = getattr(item, method, None)
-            if operation is not None and operation.request_body is not None and (path, method) in OPTIONAL_BODIES:
-                operation.request_body.required = False
+    for path, method in OPTIONAL_BODIES:
+        operation = getattr((document.paths or {}).get(path), method, None)
+        if operation is not None and operation.request_body is not None:
+            operation.request_body.required = False
 
 
 def repair_options(app: Litestar) -> None:

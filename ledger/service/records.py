@@ -151,40 +151,54 @@ class Page(Generic[T]):
 
 def created_record(request: TransferRequest, plan: TransferPlan, fingerprint: bytes) -> TransferRecord:
     """The stored row is exactly what was just written: answer from memory, no re-read."""
-    return TransferRecord(
-        id=request.id,
-        debit_account_id=request.debit_account_id,
-        credit_account_id=request.credit_account_id,
-        amount=request.amount,
-        currency=plan.currency,
-        pending=request.pending,
-        status=plan.status,
-        code=None,
-        description=request.description,
-        metadata=request.metadata or {},
-        created_at=plan.created_at,
-        updated_at=plan.created_at,
-        request_hash=fingerprint,
-        timeout_seconds=request.timeout_seconds if request.pending else None,
-        expires_at=plan.expires_at,
-    )
+    return _stored(
+        request, status=plan.status, code=None, currency=plan.currency, created_at=plan.created_at,
+        expires_at=plan.expires_at, request_hash=fingerprint,
+    )  # fmt: skip
 
 
-def rejected_record(request: TransferRequest, code: str, now: datetime) -> TransferRecord:
+def rejected_record(
+    request: TransferRequest,
+    code: str,
+    now: datetime,
+    *,
+    reversal_of: str | None = None,
+    request_hash: bytes | None = None,
+) -> TransferRecord:
     """A recorded refusal as it is stored (`Writes.new_transfer` with status rejected)."""
+    return _stored(
+        request, status="rejected", code=code, currency=request.currency, created_at=now, expires_at=None,
+        request_hash=request_hash or request.fingerprint(), reversal_of=reversal_of,
+    )  # fmt: skip
+
+
+def _stored(
+    request: TransferRequest,
+    *,
+    status: str,
+    code: str | None,
+    currency: str | None,
+    created_at: datetime,
+    expires_at: datetime | None,
+    request_hash: bytes,
+    reversal_of: str | None = None,
+) -> TransferRecord:
+    """A new transfer row as `Writes.new_transfer` stores it."""
     return TransferRecord(
         id=request.id,
         debit_account_id=request.debit_account_id,
         credit_account_id=request.credit_account_id,
         amount=request.amount,
-        currency=request.currency,
+        currency=currency,
         pending=request.pending,
-        status="rejected",
+        status=status,
         code=code,
         description=request.description,
         metadata=request.metadata or {},
-        created_at=now,
-        updated_at=now,
-        request_hash=request.fingerprint(),
+        created_at=created_at,
+        updated_at=created_at,
+        request_hash=request_hash,
         timeout_seconds=request.timeout_seconds if request.pending else None,
+        expires_at=expires_at,
+        reversal_of=reversal_of,
     )

@@ -50,7 +50,7 @@ from ledger.models import Transfer
 from ledger.service.expiry import PENDING_COLUMNS, pending_transfer, release_due
 from ledger.service.locking import LOCK_SQL, AccountLocker, lock_accounts, locked_account
 from ledger.service.queries import TRANSFER_COLUMNS
-from ledger.service.records import TransferOutcome, TransferRecord, created_record
+from ledger.service.records import TransferOutcome, TransferRecord, created_record, rejected_record
 from ledger.service.unit_of_work import Executor, UnitOfWork, constraint_name
 from ledger.service.writer import WRITE_ONE_SQL, IdsClaimed, Writes, write, write_one_arguments
 
@@ -237,29 +237,27 @@ class TransferService:
 async def _create_fast(driver: asyncpg.Connection, request: TransferRequest) -> TransferOutcome | None:
     """The common case in four round trips, or None (nothing written) for the general path."""
     await driver.execute("BEGIN")
+    outcome = await _apply_fast(driver, request)
+    await driver.execute("COMMIT" if outcome is not None else "ROLLBACK")
+    return outcome
+
+
+async def _apply_fast(driver: asyncpg.Connection, request: TransferRequest) -> TransferOutcome | None:
     rows = await driver.fetch(LOCK_SQL, sorted({request.debit_account_id, request.credit_account_id}))
     if len(rows) != 2 or any(row["has_due"] for row in rows):
-        # A missing account, one account on both sides, or a reservation to release.
-        await driver.execute("ROLLBACK")
-        return None
+        return None  # a missing account, one account on both sides, or a reservation to release
     accounts = {row["id"]: locked_account(row) for row in rows}
     try:
         plan = decide_transfer(request, accounts, rows[0]["now"])
     except TransferRefused:
-        await driver.execute("ROLLBACK")
-        return None
+        return None  # the general path records the refusal
     fingerprint = request.fingerprint()
     try:
         written = await driver.fetchval(WRITE_ONE_SQL, *write_one_arguments(request, plan, fingerprint))
     except asyncpg.IntegrityConstraintViolationError:
-        # The database refused what the decision allowed: the general path records it.
-        await driver.execute("ROLLBACK")
-        return None
+        return None  # the database refused what the decision allowed: the general path records it
     if not written:
-        # The id has an outcome already (a replay, or a concurrent request got there first).
-        await driver.execute("ROLLBACK")
-        return None
-    await driver.execute("COMMIT")
+        return None  # the id has an outcome already (a replay, or a concurrent request got there first)
     return TransferOutcome(created_record(request, plan, fingerprint), replayed=False)
 
 
@@ -312,6 +310,7 @@ async def record_rejection(
     except IdsClaimed:
         # A concurrent request recorded an outcome for this id first: that one stands.
         return await replay_winner(session, request.id, fingerprint)
-    record = await fetch_transfer(session, request.id)
-    assert record is not None
-    return TransferOutcome(record, replayed=False)
+    # As stored: answered from memory, as batches do, without a read under the locks.
+    return TransferOutcome(
+        rejected_record(request, reason, now, reversal_of=reversal_of, request_hash=fingerprint), replayed=False
+    )
