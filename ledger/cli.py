@@ -1,26 +1,34 @@
-"""`ledger serve` and `ledger migrate`."""
+"""`ledger serve`, `ledger migrate`, `ledger keys ...` and `ledger audit ...`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import logging.config
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import migrate
+from ledger.integrity import Keyring, KeyringError, load_keyring, rotate_keyring
 from ledger.observability import logging_config
 from ledger.settings import Settings, SettingsError
 
 logger = logging.getLogger("ledger")
 T = TypeVar("T")
+
+
+class StartupError(Exception):
+    """The service must not start (or the command not run) as configured."""
 
 
 def _redacted(url: str) -> str:
@@ -29,21 +37,52 @@ def _redacted(url: str) -> str:
     return f"{parts.scheme}://{parts.username or ''}@{host}:{parts.port or ''}{parts.path}"
 
 
-def _database(settings: Settings):  # type: ignore[no-untyped-def]
-    """The database URL to use, and the embedded server started for it (or None)."""
+@dataclass
+class Database:
+    """Where the service serves (a least-privileged role) and where migrations run (the
+    tables' owner), and the embedded server started for them, if any."""
+
+    serving_url: str
+    migration_url: str
+    embedded: Any = None
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def _database(settings: Settings) -> Database:
     if settings.database_url:
-        return settings.database_url, None
+        return Database(settings.database_url, settings.migration_database_url or settings.database_url)
     from ledger.embedded import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(settings.data_dir)
-    url = embedded.start()
+    owner_url = embedded.start()
     logger.info(
-        "embedded PostgreSQL at %s (data in %s, password in %s)",
-        _redacted(url),
+        "embedded PostgreSQL at %s (data in %s, passwords in %s)",
+        _redacted(owner_url),
         embedded.data_dir,
         embedded.credentials_file,
     )
-    return url, embedded
+    return Database(embedded.service_url, owner_url, embedded)
+
+
+def _keyring(settings: Settings, *, create: bool) -> Keyring:
+    try:
+        keyring, created = load_keyring(settings.chain_keys, settings.chain_key_file, create=create)
+    except (KeyringError, OSError) as error:
+        raise StartupError(
+            f"chain keys: {error}. Set LEDGER_CHAIN_KEYS, or LEDGER_DATA_DIR to a directory the service can write "
+            "(see README, Tamper evidence)"
+        ) from error
+    if created:
+        logger.warning(
+            "created the chain key %s in %s: back this file up, apart from the database; without it the "
+            "ledger's history can no longer be verified",
+            keyring.active.id,
+            settings.chain_key_file,
+        )
+    return keyring
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -57,11 +96,17 @@ def serve(settings: Settings) -> int:
     # it found: make that handler unwind the stack, so that `finally` stops the embedded
     # PostgreSQL instead of the process dying with it still running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    url, embedded = _database(settings)
+    if settings.insecure_disable_auth:
+        logger.warning("AUTHENTICATION IS DISABLED (LEDGER_INSECURE_DISABLE_AUTH=true): every client is admin")
+    keyring = _keyring(settings, create=True)
+    database = _database(settings)
     try:
-        migrate.upgrade(url)
-        # Worker processes build their app from the environment: hand them the URL.
-        os.environ["LEDGER_DATABASE_URL"] = url
+        migrate.upgrade(database.migration_url)
+        asyncio.run(_prepare(settings, database, keyring))
+        # Worker processes build their app from the environment: hand them the serving
+        # URL only; the owner's never reaches them.
+        os.environ["LEDGER_DATABASE_URL"] = database.serving_url
+        os.environ.pop("LEDGER_MIGRATION_DATABASE_URL", None)
         logger.info("serving on http://%s:%s (docs at /schema)", settings.host, settings.port)
         uvicorn.run(
             "ledger.http.app:create_app_from_env",
@@ -71,39 +116,119 @@ def serve(settings: Settings) -> int:
             workers=settings.workers,
             log_level=settings.log_level,
             access_log=False,
+            # Header size and time limits per connection (ledger.http.protocol).
+            http="ledger.http.protocol:LimitedHttpToolsProtocol",
+            timeout_keep_alive=settings.keep_alive_timeout_seconds,
             # In-flight requests finish on SIGTERM; after this many seconds they are cut.
             timeout_graceful_shutdown=10,
             log_config=logging_config(settings.log_level),
             server_header=False,
         )
     finally:
-        if embedded is not None:
-            embedded.stop()
+        database.stop()
     return 0
+
+
+async def _prepare(settings: Settings, database: Database, keyring: Keyring) -> None:
+    """Checks before serving: the serving role's privileges, the chain keys against the
+    database, and the first start's admin key."""
+    from ledger.database import create_engine, inspect_serving_role
+    from ledger.service import keys
+
+    engine = create_engine(settings, database.serving_url, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as connection:
+            report = await inspect_serving_role(connection)
+            sealed_with = {
+                row[0]
+                for row in await connection.execute(
+                    text("SELECT DISTINCT seal_key FROM accounts WHERE seal_key IS NOT NULL")
+                )
+            }
+        if report.missing:
+            raise StartupError(
+                f"the database role {report.role!r} lacks what serving needs ({', '.join(report.missing)}): "
+                "it must be a member of ledger_service, which the migrations grant (README, Database roles)"
+            )
+        if report.privileged:
+            reasons = ", ".join(report.privileged)
+            if not settings.allow_privileged_role:
+                raise StartupError(
+                    f"refusing to serve as the database role {report.role!r}, which has more power than serving "
+                    f"needs: {reasons}. It could rewrite the journal it is meant to protect. Serve as a member of "
+                    "ledger_service (LEDGER_DATABASE_URL) and migrate as the owner (LEDGER_MIGRATION_DATABASE_URL); "
+                    "see README, Database roles. LEDGER_ALLOW_PRIVILEGED_ROLE=true overrides this."
+                )
+            logger.warning(
+                "serving as the privileged database role %r (%s) because LEDGER_ALLOW_PRIVILEGED_ROLE=true: the "
+                "database does not protect the journal from this service",
+                report.role,
+                reasons,
+            )
+        unknown = sorted(sealed_with - set(keyring.ids))
+        if unknown:
+            raise StartupError(
+                f"the database's accounts are sealed with chain key(s) {', '.join(unknown)}, which the keyring "
+                f"({'LEDGER_CHAIN_KEYS' if settings.chain_keys else settings.chain_key_file}) does not have: restore "
+                "the key file; a ledger served with another key could not verify its own history"
+            )
+        if settings.insecure_disable_auth or settings.admin_key:
+            return
+        try:
+            created = await keys.bootstrap_admin_key(engine, keyring.active, settings.admin_key_file)
+        except OSError as error:
+            logger.error(
+                "could not store a first admin key in %s (%s): none was created. Create one with "
+                "`ledger keys create --role admin`, or set LEDGER_ADMIN_KEY",
+                settings.admin_key_file,
+                error,
+            )
+            return
+        if created is not None:
+            _announce_admin_key(settings, created[1])
+    finally:
+        await engine.dispose()
+
+
+def _announce_admin_key(settings: Settings, key: str) -> None:
+    path = settings.admin_key_file
+    print(
+        "\n"
+        "  First start: an admin API key was created. It is shown this once, and kept in\n"
+        f"  {path} (readable by you only):\n\n"
+        f"      {key}\n\n"
+        "  Every request needs it (or a key made with it):\n"
+        f'      curl -H "Authorization: Bearer $(cat {path})" http://{settings.host}:{settings.port}/v1/accounts\n'
+        "  Create narrower keys with `ledger keys create --role poster|auditor` or POST /v1/keys.\n",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def run_migrations(settings: Settings) -> int:
-    url, embedded = _database(settings)
+    database = _database(settings)
     try:
-        migrate.upgrade(url)
-        logger.info("database at %s is at revision %s", _redacted(url), migrate.head_revision())
+        migrate.upgrade(database.migration_url)
+        logger.info("database at %s is at revision %s", _redacted(database.migration_url), migrate.head_revision())
     finally:
-        if embedded is not None:
-            embedded.stop()
+        database.stop()
     return 0
 
 
-def _on_database(settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]], *, migrate_first: bool = False) -> T:
-    """Run `work` with an engine on the configured (or embedded) database, then clean up."""
+def _on_database(
+    settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]], *, migrate_first: bool = False, owner: bool = False
+) -> T:
+    """Run `work` with an engine on the configured (or embedded) database, as the serving
+    role (or the owner), then clean up."""
     from ledger.database import create_engine
 
-    url, embedded = _database(settings)
+    database = _database(settings)
     try:
         if migrate_first:
-            migrate.upgrade(url)
+            migrate.upgrade(database.migration_url)
 
         async def run() -> T:
-            engine = create_engine(settings, url)
+            engine = create_engine(settings, database.migration_url if owner else database.serving_url)
             try:
                 return await work(engine)
             finally:
@@ -111,37 +236,58 @@ def _on_database(settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]]
 
         return asyncio.run(run())
     finally:
-        if embedded is not None:
-            embedded.stop()
+        database.stop()
 
 
-def audit_verify(settings: Settings, account_id: str | None) -> int:
-    """Verify the journal; print the report as JSON; exit 1 when anything is wrong."""
-    import json
+def _progress(done: int, total: int, entries: int) -> None:
+    if sys.stderr.isatty() or done == total or done % 1000 == 0:
+        width = 30
+        filled = width * done // max(total, 1)
+        print(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} accounts, {entries} entries",
+            end="" if done < total else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    from ledger.service import audit
 
-    def progress(done: int, total: int, entries: int) -> None:
-        if sys.stderr.isatty() or done == total or done % 1000 == 0:
-            width = 30
-            filled = width * done // max(total, 1)
-            print(
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} accounts, {entries} entries",
-                end="" if done < total else "\n",
-                file=sys.stderr,
-                flush=True,
-            )
+def audit_verify(settings: Settings, account_id: str | None, checkpoint_file: str | None) -> int:
+    """Verify the ledger; print the report as JSON; exit 1 when anything is wrong."""
+    from pathlib import Path
 
-    report = _on_database(settings, lambda engine: audit.verify(engine, account_id, progress))
+    from ledger.service import audit, checkpoints
+
+    keyring = _keyring(settings, create=False)
+    checkpoint, error = None, None
+    try:
+        if checkpoint_file:
+            checkpoint = checkpoints.load(Path(checkpoint_file), keyring)
+        else:
+            checkpoint = checkpoints.latest(settings.checkpoints, keyring)
+    except checkpoints.CheckpointError as invalid:
+        error = str(invalid)
+
+    report = _on_database(
+        settings,
+        lambda engine: audit.verify(engine, keyring, account_id, checkpoint, _progress, checkpoint_error=error),
+    )
     print(
         json.dumps(
             {
                 "ok": report.ok,
                 "accounts_checked": report.accounts_checked,
                 "entries_checked": report.entries_checked,
+                "transfers_checked": report.transfers_checked,
+                "checkpoint": str(checkpoint.path) if checkpoint is not None else None,
                 "problems": [
-                    {"account_id": p.account_id, "sequence": p.sequence, "code": p.code, "detail": p.detail}
-                    for p in report.problems
+                    {
+                        "account_id": problem.account_id,
+                        "sequence": problem.sequence,
+                        "code": problem.code,
+                        "detail": problem.detail,
+                        **({"transfer_id": problem.transfer_id} if problem.transfer_id else {}),
+                    }
+                    for problem in report.problems
                 ],
                 "problems_total": report.problems_total,
             },
@@ -151,13 +297,85 @@ def audit_verify(settings: Settings, account_id: str | None) -> int:
     return 0 if report.ok else 1
 
 
-def create_key(settings: Settings, role: str, name: str | None) -> int:
-    """Create an API key and print it once: only its hash is stored."""
+def audit_checkpoint(settings: Settings) -> int:
+    """Write a checkpoint now (if anything changed since the last); exit 1 on tampering."""
+    from ledger.service import checkpoints
+
+    keyring = _keyring(settings, create=False)
+    try:
+        checkpoint = _on_database(
+            settings, lambda engine: checkpoints.take(engine, keyring, settings.checkpoints, settings.checkpoint_keep)
+        )
+    except (checkpoints.TamperDetected, checkpoints.CheckpointError) as error:
+        print(f"no checkpoint written: {error}", file=sys.stderr)
+        return 1
+    if checkpoint is None:
+        print("nothing changed since the last checkpoint", file=sys.stderr)
+    else:
+        print(checkpoint.path)
+    return 0
+
+
+def audit_rotate(settings: Settings) -> int:
+    if settings.chain_keys:
+        raise StartupError(
+            "LEDGER_CHAIN_KEYS is set: put a new `id:secret` first in it yourself (README, Tamper evidence)"
+        )
+    key = rotate_keyring(settings.chain_key_file)
+    print(
+        f"chain key {key.id} is now first in {settings.chain_key_file}. Restart every instance (with this file), "
+        "then run `ledger audit checkpoint`.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def audit_reseal(settings: Settings) -> int:
+    """Seal rows written before seals existed (or sealed with a revoked key) with the
+    active key, then checkpoint: trust on first use, after verifying them otherwise."""
+    from ledger.service import reseal
+
+    keyring = _keyring(settings, create=False)
+    counts = _on_database(settings, lambda engine: reseal.reseal(engine, keyring), owner=True)
+    print(f"sealed {json.dumps(counts)}", file=sys.stderr)
+    return audit_checkpoint(settings)
+
+
+def keys_command(settings: Settings, arguments: argparse.Namespace) -> int:
     from ledger.service import keys
 
-    key_id, key = _on_database(settings, lambda engine: keys.create_key(engine, role, name), migrate_first=True)
-    print(key)
-    print(f"created {role} key {key_id}; store it now, it cannot be shown again", file=sys.stderr)
+    if arguments.keys_command == "create":
+        keyring = _keyring(settings, create=True)
+        record, key = _on_database(
+            settings,
+            lambda engine: keys.create_key(engine, keyring.active, arguments.role, arguments.name, "cli"),
+            migrate_first=True,
+        )
+        print(key)
+        print(f"created {record.role} key {record.id}; store it now, it cannot be shown again", file=sys.stderr)
+        return 0
+    if arguments.keys_command == "revoke":
+        record = _on_database(settings, lambda engine: keys.revoke_key(engine, arguments.id, "cli"))
+        print(f"revoked {record.id} ({record.role}) at {record.revoked_at}; it stops working within 5 s")
+        return 0
+
+    async def every_key(engine: AsyncEngine) -> list[keys.ApiKeyRecord]:
+        records, cursor = [], None
+        while True:
+            page = await keys.list_keys(engine, 1000, cursor)
+            records += page.items
+            if page.next_cursor is None:
+                return records
+            cursor = page.next_cursor
+
+    records = _on_database(settings, every_key)
+    print(f"{'id':<22} {'role':<8} {'created':<20} {'revoked':<20} name")
+    for record in records:
+        revoked = record.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if record.revoked_at else "-"
+        print(
+            f"{record.id:<22} {record.role:<8} {record.created_at.strftime('%Y-%m-%d %H:%M:%S'):<20} "
+            f"{revoked:<20} {record.name or ''}"
+        )
     return 0
 
 
@@ -174,12 +392,21 @@ def main(argv: list[str] | None = None) -> int:
     create_parser = keys_commands.add_parser("create", help="create a key and print it once")
     create_parser.add_argument("--role", required=True, choices=["admin", "poster", "auditor"])
     create_parser.add_argument("--name", help="a label for the key")
+    keys_commands.add_parser("list", help="list every key (never the key itself)")
+    revoke_parser = keys_commands.add_parser("revoke", help="revoke a key (effective within 5 s)")
+    revoke_parser.add_argument("id", help="the key's id (key_...)")
     audit_parser = commands.add_parser("audit", help="audit the journal")
     audit_commands = audit_parser.add_subparsers(dest="audit_command", required=True)
     verify_parser = audit_commands.add_parser(
-        "verify", help="recompute every hash chain and balance; exit 1 on any problem"
+        "verify", help="check every chain, seal and balance against the last checkpoint; exit 1 on any problem"
     )
-    verify_parser.add_argument("--account", help="verify this account only")
+    verify_parser.add_argument("--account", help="verify this account (and its transfers) only")
+    verify_parser.add_argument("--checkpoint", help="compare with this checkpoint file instead of the newest")
+    audit_commands.add_parser("checkpoint", help="write a signed checkpoint of every account's head now")
+    audit_commands.add_parser("rotate-chain-key", help="put a new chain key first in the key file")
+    audit_commands.add_parser(
+        "reseal", help="seal rows that have no seal (or a revoked key's) and checkpoint, as the owner role"
+    )
     arguments = parser.parse_args(argv)
 
     overrides = {
@@ -190,10 +417,20 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         parser.error(str(error))
     logging.config.dictConfig(logging_config(settings.log_level))
-    if arguments.command == "serve":
-        return serve(settings)
-    if arguments.command == "keys":
-        return create_key(settings, arguments.role, arguments.name)
-    if arguments.command == "audit":
-        return audit_verify(settings, arguments.account)
-    return run_migrations(settings)
+    try:
+        if arguments.command == "serve":
+            return serve(settings)
+        if arguments.command == "keys":
+            return keys_command(settings, arguments)
+        if arguments.command == "audit":
+            if arguments.audit_command == "verify":
+                return audit_verify(settings, arguments.account, arguments.checkpoint)
+            if arguments.audit_command == "checkpoint":
+                return audit_checkpoint(settings)
+            if arguments.audit_command == "rotate-chain-key":
+                return audit_rotate(settings)
+            return audit_reseal(settings)
+        return run_migrations(settings)
+    except (StartupError, KeyringError) as error:
+        print(f"ledger: {error}", file=sys.stderr)
+        return 2

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from ledger.settings import Settings
 
@@ -61,24 +63,108 @@ def server_settings(settings: Settings) -> dict[str, str]:
     }
 
 
-def create_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
+def create_engine(
+    settings: Settings, url: str | None = None, *, pool_size: int | None = None, max_overflow: int | None = None
+) -> AsyncEngine:
     """Create the engine with every pool option passed explicitly from settings."""
     database_url = url or settings.database_url
     if not database_url:
         raise DatabaseUrlError("no database URL: set LEDGER_DATABASE_URL or use `ledger serve` for the embedded one")
     return create_async_engine(
         normalize_database_url(database_url),
-        pool_size=settings.pool_size,
-        max_overflow=settings.max_overflow,
+        pool_size=settings.pool_size if pool_size is None else pool_size,
+        max_overflow=settings.max_overflow if max_overflow is None else max_overflow,
         pool_timeout=settings.pool_timeout_seconds,
         pool_recycle=settings.pool_recycle_seconds,
         pool_pre_ping=settings.pool_pre_ping,
+        # Statement parameters are amounts, ids and metadata: they stay out of error
+        # messages, and so out of logs.
+        hide_parameters=True,
         connect_args={
             "server_settings": server_settings(settings),
             # A connection attempt to a dead host must not hang a request either.
             "timeout": settings.pool_timeout_seconds,
         },
     )
+
+
+def create_audit_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
+    """The small pool of audits and exports, apart from the one transfers use."""
+    return create_engine(settings, url, pool_size=settings.audit_pool_size, max_overflow=0)
+
+
+# -- the serving role -----------------------------------------------------------------
+#
+# The service serves as a member of `ledger_service` (granted by the migrations): what it
+# must be able to do, and what it must not (README, "Database roles").
+SERVICE_ROLE = "ledger_service"
+LEDGER_TABLES = ("accounts", "transfers", "entries", "api_keys")
+REQUIRED_PRIVILEGES = [
+    ("alembic_version", "SELECT"),
+    *((table, privilege) for table in LEDGER_TABLES for privilege in ("SELECT", "INSERT")),
+]
+REQUIRED_UPDATES = {
+    "accounts": (
+        "debits_posted", "credits_posted", "pending_debits", "pending_credits", "entries_count", "last_entry_hash",
+        "last_entry_at",
+    ),
+    "transfers": ("status", "posted_amount", "reversed_amount", "updated_at", "seal", "seal_key"),
+    "api_keys": ("revoked_at", "revoked_by"),
+}  # fmt: skip
+FORBIDDEN_PRIVILEGES = [
+    *((table, privilege) for table in LEDGER_TABLES for privilege in ("DELETE", "TRUNCATE", "TRIGGER")),
+]
+FORBIDDEN_UPDATES = {
+    "entries": ("account_id", "sequence", "transfer_id", "amount", "balance_after", "created_at", "hash", "key_id"),
+    "accounts": ("id", "currency", "name", "allow_negative_balance", "metadata", "created_at", "seal", "seal_key"),
+    "transfers": (
+        "id", "debit_account_id", "credit_account_id", "amount", "currency", "pending", "code", "description",
+        "metadata", "request_hash", "created_at", "timeout_seconds", "expires_at", "reversal_of",
+    ),
+    "api_keys": ("id", "role", "key_hash", "created_at", "created_by", "seal", "seal_key"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class RoleReport:
+    role: str
+    # Why the role is more powerful than serving needs (superuser, owner, DDL, DELETE...).
+    privileged: list[str]
+    # What it lacks to serve (the migrations' grants are missing).
+    missing: list[str]
+
+
+async def inspect_serving_role(connection: AsyncConnection) -> RoleReport:
+    """Compare the connected role's privileges with what serving needs, in one query."""
+    checks: dict[str, str] = {
+        "superuser": "r.rolsuper",
+        "CREATEROLE (it can grant itself any role)": "r.rolcreaterole",
+        "owner (or member of the owner) of the ledger's tables": (
+            "EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = current_schema()::regnamespace "
+            f"AND c.relname IN ({', '.join(repr(t) for t in LEDGER_TABLES)}) "
+            "AND pg_has_role(current_user, c.relowner, 'MEMBER'))"
+        ),
+        "CREATE on the schema (DDL)": "has_schema_privilege(current_schema(), 'CREATE')",
+        "CREATE on the database (new schemas)": "has_database_privilege(current_database(), 'CREATE')",
+    }
+    for table, privilege in FORBIDDEN_PRIVILEGES:
+        checks[f"{privilege} on {table}"] = f"has_table_privilege('{table}', '{privilege}')"
+    for table, columns in FORBIDDEN_UPDATES.items():
+        for column in columns:
+            checks[f"UPDATE of {table}.{column}"] = f"has_column_privilege('{table}', '{column}', 'UPDATE')"
+    needs: dict[str, str] = {}
+    for table, privilege in REQUIRED_PRIVILEGES:
+        needs[f"{privilege} on {table}"] = f"has_table_privilege('{table}', '{privilege}')"
+    for table, columns in REQUIRED_UPDATES.items():
+        for column in columns:
+            needs[f"UPDATE of {table}.{column}"] = f"has_column_privilege('{table}', '{column}', 'UPDATE')"
+    expressions = [*checks.values(), *needs.values()]
+    query = f"SELECT current_user, {', '.join(expressions)} FROM pg_roles r WHERE r.rolname = current_user"
+    row = (await connection.execute(text(query))).one()
+    values = list(row[1:])
+    privileged = [name for name, value in zip(checks, values[: len(checks)], strict=True) if value]
+    missing = [name for name, value in zip(needs, values[len(checks) :], strict=True) if not value]
+    return RoleReport(str(row[0]), privileged, missing)
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

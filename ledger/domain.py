@@ -10,14 +10,15 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from ledger.errors import DecisionRefused, TransferRefused
+from ledger.integrity import ChainKey, entry_hash, microseconds
 
 MAX_AMOUNT = 2**63 - 1  # PostgreSQL bigint
 # Ids chosen by clients (accounts, transfers): the contract's rule, checked with fullmatch.
-IDENTIFIER_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-HASH_VERSION = "ledger-entry-v1"
+# Ids made only of dots are refused: `/v1/accounts/./entries` would be ambiguous.
+IDENTIFIER_RE = re.compile(r"(?!\.+$)[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class EntryPlan:
     amount: int
     balance_after: int
     hash: bytes
+    key_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +126,15 @@ def entry_time(now: datetime, *accounts: LockedAccount) -> datetime:
     return max([now] + [a.last_entry_at for a in accounts if a.last_entry_at is not None])
 
 
-def decide_transfer(request: TransferRequest, accounts: dict[str, LockedAccount], now: datetime) -> TransferPlan:
+def decide_transfer(
+    request: TransferRequest, accounts: dict[str, LockedAccount], now: datetime, key: ChainKey
+) -> TransferPlan:
     """Decide a new transfer (posted, or pending when `request.pending`), or raise the
     refusal that will be recorded.
 
     `accounts` holds the rows found (and locked) for the two ids; `now` is the database
-    clock read after the locks were granted.
+    clock read after the locks were granted; `key` is the chain key new entries are
+    hashed with.
     """
     check_accounts_different(request)
     debit = accounts.get(request.debit_account_id)
@@ -171,16 +176,16 @@ def decide_transfer(request: TransferRequest, accounts: dict[str, LockedAccount]
             ),
         )
     created_at = entry_time(now, debit, credit)
-    entries, new_debit, new_credit = post_entries(debit, credit, request.id, amount, created_at)
+    entries, new_debit, new_credit = post_entries(debit, credit, request.id, amount, created_at, key)
     return TransferPlan(currency, created_at, "posted", None, entries, (new_debit, new_credit))
 
 
 def post_entries(
-    debit: LockedAccount, credit: LockedAccount, transfer_id: str, amount: int, created_at: datetime
+    debit: LockedAccount, credit: LockedAccount, transfer_id: str, amount: int, created_at: datetime, key: ChainKey
 ) -> tuple[tuple[EntryPlan, EntryPlan], LockedAccount, LockedAccount]:
     """The two journal entries of moving `amount` posted, and the accounts after them."""
-    debit_entry = _entry(debit, transfer_id, -amount, created_at)
-    credit_entry = _entry(credit, transfer_id, amount, created_at)
+    debit_entry = _entry(debit, transfer_id, -amount, created_at, key)
+    credit_entry = _entry(credit, transfer_id, amount, created_at, key)
     new_debit = replace(
         debit,
         debits_posted=debit.debits_posted + amount,
@@ -198,7 +203,7 @@ def post_entries(
     return (debit_entry, credit_entry), new_debit, new_credit
 
 
-def _entry(account: LockedAccount, transfer_id: str, amount: int, created_at: datetime) -> EntryPlan:
+def _entry(account: LockedAccount, transfer_id: str, amount: int, created_at: datetime, key: ChainKey) -> EntryPlan:
     sequence = account.entries_count + 1
     balance_after = account.posted + amount
     return EntryPlan(
@@ -206,7 +211,10 @@ def _entry(account: LockedAccount, transfer_id: str, amount: int, created_at: da
         sequence=sequence,
         amount=amount,
         balance_after=balance_after,
-        hash=entry_hash(account.last_entry_hash, account.id, sequence, transfer_id, amount, balance_after, created_at),
+        hash=entry_hash(
+            key, account.last_entry_hash, account.id, sequence, transfer_id, amount, balance_after, created_at
+        ),
+        key_id=key.id,
     )
 
 
@@ -264,54 +272,19 @@ def check_decision(transfer: PendingTransfer, decision: str, posted_amount: int 
 
 
 def decide_post(
-    transfer: PendingTransfer, amount: int, accounts: dict[str, LockedAccount], now: datetime
+    transfer: PendingTransfer, amount: int, accounts: dict[str, LockedAccount], now: datetime, key: ChainKey
 ) -> TransferPlan:
     """Post `amount` (at most the reserved amount) of a pending transfer; the rest is released."""
     debit, credit = release(transfer, accounts)
     if debit.debits_posted + amount > MAX_AMOUNT or credit.credits_posted + amount > MAX_AMOUNT:
         raise DecisionRefused("balance_overflow", "an account's posted total would exceed 9223372036854775807")
     created_at = entry_time(now, debit, credit)
-    entries, new_debit, new_credit = post_entries(debit, credit, transfer.id, amount, created_at)
+    entries, new_debit, new_credit = post_entries(debit, credit, transfer.id, amount, created_at, key)
     return TransferPlan(debit.currency, created_at, "posted", None, entries, (new_debit, new_credit))
 
 
 def epoch_microseconds(moment: datetime) -> int:
-    if moment.tzinfo is None:
-        raise ValueError("timestamps must be timezone-aware")
-    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def entry_hash(
-    previous_hash: bytes | None,
-    account_id: str,
-    sequence: int,
-    transfer_id: str,
-    amount: int,
-    balance_after: int,
-    created_at: datetime,
-) -> bytes:
-    """SHA-256 of an entry's canonical form, chained to the account's previous entry.
-
-    Canonical form (UTF-8), fields joined by "|":
-    `ledger-entry-v1|account_id|sequence|transfer_id|amount|balance_after|created_at_us|previous_hash_hex`
-    where integers are in decimal, `created_at_us` is microseconds since the Unix epoch
-    and `previous_hash_hex` is the lower-case hex of the previous entry's hash, or empty
-    for sequence 1. Identifiers cannot contain "|", so the form is unambiguous.
-    """
-    canonical = "|".join(
-        (
-            HASH_VERSION,
-            account_id,
-            str(sequence),
-            transfer_id,
-            str(amount),
-            str(balance_after),
-            str(epoch_microseconds(created_at)),
-            previous_hash.hex() if previous_hash else "",
-        )
-    )
-    return hashlib.sha256(canonical.encode()).digest()
+    return microseconds(moment)
 
 
 # -- Batches and linked chains -----------------------------------------------------------
@@ -369,6 +342,7 @@ def decide_batch(
     existing: dict[str, tuple[bytes, bool]],
     accounts: dict[str, LockedAccount],
     now: datetime,
+    key: ChainKey,
 ) -> list[ItemDecision]:
     """Decide every item of a batch in order.
 
@@ -412,7 +386,7 @@ def decide_batch(
                 unit.append(ItemDecision(index, request.id, "rejected", "linked_transfer_failed", recorded=True))
             else:
                 try:
-                    plan = decide_transfer(request, accounts, now)
+                    plan = decide_transfer(request, accounts, now, key)
                 except TransferRefused as refusal:
                     unit.append(ItemDecision(index, request.id, "rejected", refusal.reason, recorded=True))
                     failed = True

@@ -11,7 +11,11 @@ when neither a URL nor a Docker engine is available. The server:
   so other local users cannot connect as its superuser;
 - runs as an unprivileged system user when started by root, because PostgreSQL refuses
   to run as root;
-- keeps fsync and synchronous_commit on: an acknowledged transfer is on disk.
+- keeps fsync and synchronous_commit on: an acknowledged transfer is on disk;
+- has two roles for the service: the superuser `postgres`, which runs the migrations and
+  owns the tables, and `ledger_app`, a member of `ledger_service` (which the migrations
+  grant exactly what serving needs), which the service serves as (`service_url`). Its
+  password is generated too and kept beside the superuser's.
 
 Only the wheel's binaries are used (initdb, pg_ctl, psql). Its Python wrapper is not,
 because it listens on a Unix socket only, trusts every local user and stops the server
@@ -38,6 +42,8 @@ logger = logging.getLogger("ledger.embedded")
 SYSTEM_USER = "ledger-postgres"
 DATABASE_NAME = "ledger"
 SUPERUSER = "postgres"
+SERVICE_LOGIN = "ledger_app"
+SERVICE_ROLE = "ledger_service"
 START_TIMEOUT_SECONDS = 60
 
 
@@ -53,6 +59,15 @@ def binaries_dir() -> Path:
     if not (path / "postgres").exists():
         raise EmbeddedPostgresError(f"no PostgreSQL binaries in {path}")
     return path
+
+
+def write_private_json(path: Path, value: dict[str, str]) -> None:
+    """Write a JSON file only its owner can read, created with mode 0600 (never readable
+    by others, not even for an instant)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(json.dumps(value))
+    path.chmod(0o600)
 
 
 def _free_port() -> int:
@@ -83,11 +98,19 @@ class EmbeddedPostgres:
 
     @property
     def url(self) -> str:
-        """The libpq URL of the ledger database (`postgresql://...`)."""
+        """The libpq URL of the ledger database as its superuser, who owns the tables and
+        runs the migrations (`postgresql://...`)."""
+        return self._url(SUPERUSER, self._password())
+
+    @property
+    def service_url(self) -> str:
+        """The libpq URL of the ledger database as the least-privileged serving role."""
+        return self._url(SERVICE_LOGIN, self._credentials()["service_password"])
+
+    def _url(self, user: str, password: str) -> str:
         if self.port is None:
             raise EmbeddedPostgresError("the embedded PostgreSQL is not running")
-        password = quote(self._password(), safe="")
-        return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{self.port}/{DATABASE_NAME}"
+        return f"postgresql://{user}:{quote(password, safe='')}@127.0.0.1:{self.port}/{DATABASE_NAME}"
 
     def start(self) -> str:
         """Start (or reuse) the server and return its URL."""
@@ -201,13 +224,15 @@ class EmbeddedPostgres:
         if self._run_as is not None:
             os.chown(self.config_file, self._run_as.pw_uid, self._run_as.pw_gid)
 
+    def _credentials(self) -> dict[str, str]:
+        return dict(json.loads(self.credentials_file.read_text()))
+
     def _password(self) -> str:
-        return str(json.loads(self.credentials_file.read_text())["password"])
+        return str(self._credentials()["password"])
 
     def _initdb(self) -> None:
         password = secrets.token_urlsafe(24)
-        self.credentials_file.write_text(json.dumps({"user": SUPERUSER, "password": password}))
-        self.credentials_file.chmod(0o600)
+        write_private_json(self.credentials_file, {"user": SUPERUSER, "password": password})
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         password_file = self.pgdata.parent / f".initdb-pw-{os.getpid()}"
         password_file.write_text(password + "\n")
@@ -253,6 +278,33 @@ class EmbeddedPostgres:
         )
         if exists.stdout.strip() != "1":
             self._run("psql", *connection, "-d", "postgres", "-c", f"CREATE DATABASE {DATABASE_NAME}", env=environment)
+        self._ensure_service_role(connection, environment)
+
+    def _ensure_service_role(self, connection: list[str], environment: dict[str, str]) -> None:
+        """The serving login role, a member of `ledger_service` (both created here if
+        missing; the migrations grant `ledger_service` its privileges). Data directories
+        from before this role existed get its password now."""
+        credentials = self._credentials()
+        if "service_password" not in credentials:
+            credentials["service_user"] = SERVICE_LOGIN
+            credentials["service_password"] = secrets.token_urlsafe(24)
+            write_private_json(self.credentials_file, credentials)
+        password = credentials["service_password"]  # [A-Za-z0-9_-]: safe inside quotes
+        script = f"""
+            DO $$
+            BEGIN
+                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN
+                    CREATE ROLE {SERVICE_ROLE} NOLOGIN;
+                END IF;
+                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{SERVICE_LOGIN}') THEN
+                    CREATE ROLE {SERVICE_LOGIN} LOGIN;
+                END IF;
+            END
+            $$;
+            ALTER ROLE {SERVICE_LOGIN} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{password}';
+            GRANT {SERVICE_ROLE} TO {SERVICE_LOGIN};
+        """
+        self._run("psql", *connection, "-d", DATABASE_NAME, "-v", "ON_ERROR_STOP=1", "-c", script, env=environment)
 
     def _pg_ctl(self, *arguments: str) -> None:
         self._run("pg_ctl", "-D", str(self.pgdata), *arguments)

@@ -5,9 +5,11 @@
     │   └── InvalidCursor                   a pagination cursor the service did not issue
     ├── UnsupportedMediaType                a body that is not JSON (415)
     ├── BatchTooLarge                       more items than a batch may hold (413)
+    ├── Forbidden                           the key's role may not do this (403)
     ├── NotFound                            a resource read by id does not exist (404)
     │   ├── AccountNotFound
-    │   └── TransferNotFound
+    │   ├── TransferNotFound
+    │   └── KeyNotFound
     ├── Conflict                            an id is taken with other fields (409)
     │   ├── AccountExistsWithDifferentFields
     │   └── TransferExistsWithDifferentFields
@@ -59,6 +61,11 @@ class BatchTooLarge(LedgerError):
     title = "Too many transfers in one batch"
 
 
+class Forbidden(LedgerError):
+    code = "forbidden"
+    title = "The key's role may not do this"
+
+
 class NotFound(LedgerError):
     code = "not_found"
     title = "Not found"
@@ -72,6 +79,11 @@ class AccountNotFound(NotFound):
 class TransferNotFound(NotFound):
     code = "transfer_not_found"
     title = "Transfer not found"
+
+
+class KeyNotFound(NotFound):
+    code = "key_not_found"
+    title = "API key not found"
 
 
 class Conflict(LedgerError):

@@ -48,10 +48,13 @@ NAMING_CONVENTION = {
 }
 
 IDENTIFIER_PATTERN = "^[A-Za-z0-9._:-]{1,64}$"
+# Ids made only of dots would make paths such as /v1/accounts/./entries ambiguous.
+IDENTIFIER_CHECK = f"id ~ '{IDENTIFIER_PATTERN}' AND id !~ '^\\.+$'"
 CURRENCY_PATTERN = "^[A-Z]{3}$"
 TRANSFER_STATUSES = ("posted", "pending", "voided", "expired", "rejected")
 
 Timestamp = TIMESTAMP(timezone=True)
+SEAL_SHAPE = "(seal IS NULL) = (seal_key IS NULL) AND (seal IS NULL OR octet_length(seal) = 32)"
 
 
 class Base(DeclarativeBase):
@@ -79,11 +82,15 @@ class Account(Base):
     last_entry_hash: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     last_entry_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False, server_default=text("now()"))
+    # HMAC of the account's fields under the chain key `seal_key` (ledger.integrity).
+    seal: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    seal_key: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
-        CheckConstraint(f"id ~ '{IDENTIFIER_PATTERN}'", name="id_format"),
+        CheckConstraint(IDENTIFIER_CHECK, name="id_format"),
         CheckConstraint(f"currency ~ '{CURRENCY_PATTERN}'", name="currency_format"),
         CheckConstraint("char_length(name) BETWEEN 1 AND 256", name="name_length"),
+        CheckConstraint(SEAL_SHAPE, name="seal_shape"),
         CheckConstraint("jsonb_typeof(metadata) = 'object'", name="metadata_object"),
         CheckConstraint(
             "debits_posted >= 0 AND credits_posted >= 0 AND pending_debits >= 0 AND pending_credits >= 0",
@@ -131,9 +138,13 @@ class Transfer(Base):
     # Reversals: the transfer a reversal reverses, and how much of this one is reversed.
     reversal_of: Mapped[str | None] = mapped_column(Text, ForeignKey("transfers.id"), nullable=True)
     reversed_amount: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    # HMAC of every field above under the chain key `seal_key`, recomputed at each change.
+    seal: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    seal_key: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
-        CheckConstraint(f"id ~ '{IDENTIFIER_PATTERN}'", name="id_format"),
+        CheckConstraint(IDENTIFIER_CHECK, name="id_format"),
+        CheckConstraint(SEAL_SHAPE, name="seal_shape"),
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("timeout_seconds BETWEEN 1 AND 2592000", name="timeout_range"),
         CheckConstraint("(expires_at IS NULL AND timeout_seconds IS NULL) OR pending", name="expiry_only_when_pending"),
@@ -188,9 +199,13 @@ class Entry(Base):
     balance_after: Mapped[int] = mapped_column(BigInteger, nullable=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
     hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    # The chain key of `hash` (ledger.integrity); empty for the unkeyed SHA-256 chain of
+    # entries written before chain keys existed.
+    key_id: Mapped[str] = mapped_column(Text, nullable=False)
 
     __table_args__ = (
         PrimaryKeyConstraint("account_id", "sequence"),
+        CheckConstraint("key_id ~ '^([a-z0-9][a-z0-9_-]{0,31})?$'", name="key_id_format"),
         # A transfer touches an account at most once: applying it twice is impossible
         # even for a buggy caller, because the second journal line cannot be stored.
         UniqueConstraint("transfer_id", "account_id"),
@@ -214,9 +229,17 @@ class ApiKey(Base):
     key_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False, server_default=text("now()"))
     revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # Who created and who revoked the key: a key id, `LEDGER_ADMIN_KEY` or `cli`.
+    created_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # HMAC of (id, role, key_hash) under the chain key: a key row written into the
+    # database by anyone but the service does not authenticate anybody.
+    seal: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    seal_key: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("key_hash"),
+        CheckConstraint(SEAL_SHAPE, name="seal_shape"),
         CheckConstraint("role IN ('admin', 'poster', 'auditor')", name="role_known"),
         CheckConstraint("octet_length(key_hash) = 32", name="key_hash_length"),
         CheckConstraint("char_length(name) <= 256", name="name_length"),

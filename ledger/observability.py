@@ -4,7 +4,13 @@
   (1 to 128 characters of [A-Za-z0-9._:-]), otherwise a generated one. It is echoed in
   the response's `X-Request-ID` and attached to every log line written while serving it.
 - Logs are JSON lines. They never include request bodies, headers or database URLs with
-  passwords; an access line per request gives method, route, status and duration.
+  passwords, nor the values of SQL statements: engines hide parameters, and the
+  formatter drops PostgreSQL's `DETAIL` lines (`Key (id)=(...)`, `Failing row contains
+  (...)`) and SQLAlchemy's parameter lists from every message and traceback. An access
+  line per request gives method, route, status and duration; a request no route matches
+  (a path scan) is logged with its path, truncated.
+- The middleware wraps the whole application, routing included, so 404 and 405 answers
+  get a request id, an access line and a metric like every other response.
 - `/metrics` is the Prometheus text format, kept in-process: with `--workers N` each
   worker process reports its own figures (each series has a `process` label), so scrape
   every worker or run one worker per instance.
@@ -30,22 +36,32 @@ access_logger = logging.getLogger("ledger.access")
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+# What database errors say about the values of a statement: PostgreSQL's DETAIL line
+# ("Key (id)=(...) already exists", "Failing row contains (...)") and SQLAlchemy's
+# parameter list.
+_STATEMENT_VALUES = re.compile(r"\n?DETAIL: [^\n]*|\[parameters: [^\n]*\]")
+
+
+def scrub(text: str) -> str:
+    return _STATEMENT_VALUES.sub("[values withheld]", text)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": scrub(record.getMessage()),
         }
         request_id = REQUEST_ID.get()
         if request_id:
             line["request_id"] = request_id
-        for key in ("method", "route", "status", "duration_ms"):
+        for key in ("method", "route", "path", "status", "duration_ms"):
             if hasattr(record, key):
                 line[key] = getattr(record, key)
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            line["exception"] = scrub(self.formatException(record.exc_info))
         return json.dumps(line, separators=(",", ":"))
 
 
@@ -182,11 +198,12 @@ def request_id_middleware(metrics: Metrics, access_log: bool) -> Any:
                 route = scope.get("path_template") or "unmatched"
                 metrics.observe_request(scope["method"], route, status, seconds)
                 if access_log:
-                    access_logger.info(
-                        "request",
-                        extra={"method": scope["method"], "route": route, "status": status,
-                               "duration_ms": round(seconds * 1000, 3)},
-                    )  # fmt: skip
+                    extra = {"method": scope["method"], "route": route, "status": status,
+                             "duration_ms": round(seconds * 1000, 3)}  # fmt: skip
+                    if route == "unmatched":
+                        # Who scans which paths: the path itself (bounded), since no route names it.
+                        extra["path"] = scope.get("path", "")[:200]
+                    access_logger.info("request", extra=extra)
                 REQUEST_ID.reset(token)
 
         return handle

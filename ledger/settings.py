@@ -7,6 +7,7 @@ so an operator can see and tune all of them in one place and the README can list
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,12 +20,29 @@ class SettingsError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Settings:
     # Where the database is. Unset means: start the embedded PostgreSQL in `data_dir`.
+    # The service serves with `database_url`, a role with only the privileges it needs;
+    # migrations run with `migration_database_url` (default: the same), the tables' owner.
     database_url: str | None = None
+    migration_database_url: str | None = None
+    # The embedded PostgreSQL, the chain keys, the first admin key and the checkpoints.
     data_dir: Path = Path(".ledger")
+    # Serving as a superuser or as the tables' owner defeats the append-only journal and
+    # the least-privilege role: refused unless this is set (and then logged at every start).
+    allow_privileged_role: bool = False
 
     # Authentication (see ledger.service.keys). The admin key is a secret: kept out of repr.
+    # It always applies: only this explicit development setting turns it off.
     admin_key: str | None = field(default=None, repr=False)
-    auth_required: bool = False
+    insecure_disable_auth: bool = False
+
+    # Tamper evidence (ledger.integrity): chain keys as `id:secret` items, newest first;
+    # unset, they are kept in `<data_dir>/chain-keys` (created at the first start).
+    chain_keys: str | None = field(default=None, repr=False)
+    # Signed checkpoints of every account's head, written outside the database
+    # (default `<data_dir>/checkpoints`) every interval (0: only `ledger audit checkpoint`).
+    checkpoint_dir: Path | None = None
+    checkpoint_interval_seconds: float = 60.0
+    checkpoint_keep: int = 10
 
     # HTTP server.
     host: str = "127.0.0.1"
@@ -33,6 +51,13 @@ class Settings:
     log_level: str = "info"
     # One JSON line per request (method, route, status, duration, request id).
     access_log: bool = True
+    # What one connection may cost the server: request line and headers together (431
+    # past it), time to send them (from the connection or the request's first byte),
+    # time to send a body once the headers are in, and idle time between requests.
+    max_header_bytes: int = 16_384
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    keep_alive_timeout_seconds: float = 5.0
 
     # Connection pool, passed explicitly to create_async_engine.
     pool_size: int = 20
@@ -40,6 +65,12 @@ class Settings:
     pool_timeout_seconds: float = 5.0
     pool_recycle_seconds: int = 1800
     pool_pre_ping: bool = False
+    # Audits and exports (verification, CSV statements, trial balances, checkpoints) use a
+    # pool of their own, so they can never take the connections transfers need, and a
+    # time budget each.
+    audit_pool_size: int = 2
+    audit_timeout_seconds: float = 120.0
+    export_timeout_seconds: float = 300.0
 
     # Server-side limits, set on every connection so that nothing waits forever.
     lock_timeout_ms: int = 2000
@@ -90,6 +121,14 @@ class Settings:
             "max_body_bytes": self.max_body_bytes,
             "max_batch_size": self.max_batch_size,
             "expiry_sweep_limit": self.expiry_sweep_limit,
+            "max_header_bytes": self.max_header_bytes,
+            "header_timeout_seconds": self.header_timeout_seconds,
+            "body_timeout_seconds": self.body_timeout_seconds,
+            "keep_alive_timeout_seconds": self.keep_alive_timeout_seconds,
+            "audit_pool_size": self.audit_pool_size,
+            "audit_timeout_seconds": self.audit_timeout_seconds,
+            "export_timeout_seconds": self.export_timeout_seconds,
+            "checkpoint_keep": self.checkpoint_keep,
             "max_page_size": self.max_page_size,
             "default_page_size": self.default_page_size,
         }
@@ -101,10 +140,17 @@ class Settings:
             or self.max_retries < 0
             or self.retry_after_seconds < 0
             or self.expiry_sweep_interval_seconds < 0
+            or self.checkpoint_interval_seconds < 0
         ):
             raise SettingsError(
-                "LEDGER_MAX_OVERFLOW, LEDGER_MAX_RETRIES, LEDGER_RETRY_AFTER_SECONDS and "
-                "LEDGER_EXPIRY_SWEEP_INTERVAL_SECONDS must be >= 0"
+                "LEDGER_MAX_OVERFLOW, LEDGER_MAX_RETRIES, LEDGER_RETRY_AFTER_SECONDS, "
+                "LEDGER_EXPIRY_SWEEP_INTERVAL_SECONDS and LEDGER_CHECKPOINT_INTERVAL_SECONDS must be >= 0"
+            )
+        if self.admin_key is not None and not ADMIN_KEY_RE.fullmatch(self.admin_key):
+            raise SettingsError(
+                f"LEDGER_ADMIN_KEY must be at least {MIN_ADMIN_KEY_LENGTH} printable characters without spaces "
+                f"(got {len(self.admin_key)}); generate one with: "
+                "python3 -c 'import secrets; print(\"lk_\" + secrets.token_urlsafe(32))'"
             )
         if self.default_page_size > self.max_page_size:
             raise SettingsError("LEDGER_DEFAULT_PAGE_SIZE must not exceed LEDGER_MAX_PAGE_SIZE")
@@ -113,6 +159,22 @@ class Settings:
             # timeout would never fire, and clients would get the less precise error.
             raise SettingsError("LEDGER_LOCK_TIMEOUT_MS must be below LEDGER_STATEMENT_TIMEOUT_MS")
 
+    @property
+    def chain_key_file(self) -> Path:
+        return self.data_dir / "chain-keys"
+
+    @property
+    def admin_key_file(self) -> Path:
+        """Where the first start stores the admin key it creates (mode 0600)."""
+        return self.data_dir / "admin.key"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_dir or self.data_dir / "checkpoints"
+
+
+MIN_ADMIN_KEY_LENGTH = 32
+ADMIN_KEY_RE = re.compile(rf"[\x21-\x7e]{{{MIN_ADMIN_KEY_LENGTH},}}")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -132,7 +194,7 @@ def _parse(name: str, annotation: object, raw: str) -> object:
             return int(raw)
         if kind == "float":
             return float(raw)
-        if kind == "Path":
+        if kind in ("Path", "Path | None"):
             return Path(raw)
     except ValueError as error:
         raise SettingsError(f"LEDGER_{name.upper()}={raw!r} is not a valid {kind}") from error

@@ -6,7 +6,7 @@ import asyncio
 import os
 
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -19,9 +19,13 @@ target_metadata = Base.metadata
 
 def _database_url() -> str:
     # `ledger migrate` passes the URL as an attribute; the alembic CLI reads the environment.
-    url = config.attributes.get("database_url") or os.environ.get("LEDGER_DATABASE_URL")
+    url = (
+        config.attributes.get("database_url")
+        or os.environ.get("LEDGER_MIGRATION_DATABASE_URL")
+        or os.environ.get("LEDGER_DATABASE_URL")
+    )
     if not url:
-        raise RuntimeError("set LEDGER_DATABASE_URL to run migrations")
+        raise RuntimeError("set LEDGER_MIGRATION_DATABASE_URL (or LEDGER_DATABASE_URL) to run migrations")
     return normalize_database_url(url)
 
 
@@ -31,14 +35,21 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Several instances starting at once all migrate: the first takes this lock, the others
+# wait for its commit and then find the database at head. A transaction-scoped lock, so
+# it is released however the migration ends (and works through a transaction pooler).
+MIGRATION_LOCK = 0x6C6564676572  # "ledger"
+
+
 def _run_sync(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
     with context.begin_transaction():
+        connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": MIGRATION_LOCK})
         context.run_migrations()
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(_database_url(), poolclass=pool.NullPool)
+    engine = create_async_engine(_database_url(), poolclass=pool.NullPool, hide_parameters=True)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run_sync)

@@ -34,32 +34,66 @@ def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
 
 
 @pytest.fixture(scope="session")
-def database_url(postgres_server_url: str) -> Iterator[str]:
-    """A fresh database for this test session, migrated to head."""
+def service_login(postgres_server_url: str) -> Iterator[tuple[str, str]]:
+    """The session's serving role: a login that is only a member of ledger_service."""
+    role, password = provision.create_service_login(postgres_server_url)
+    yield role, password
+    provision.drop_service_login(postgres_server_url, role)
+
+
+@pytest.fixture(scope="session")
+def ledger_database(postgres_server_url: str, service_login: tuple[str, str]) -> Iterator[provision.LedgerDatabase]:
+    """A fresh database for this test session, migrated to head by its owner."""
     url = provision.create_database(postgres_server_url)
     migrate.upgrade(url)
-    yield url
+    yield provision.LedgerDatabase(url, provision.as_role(url, *service_login))
     provision.drop_database(postgres_server_url, url)
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, pool_size=20, max_overflow=10, retry_after_seconds=1)
+def database_url(ledger_database: provision.LedgerDatabase) -> str:
+    """The session database as its owner: for checking, or tampering with, what the
+    service wrote."""
+    return ledger_database.owner_url
 
 
 @pytest.fixture(scope="session")
-async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """Direct database access, for checking what the service wrote."""
-    engine = create_engine(settings)
+def service_database_url(ledger_database: provision.LedgerDatabase) -> str:
+    """The session database as the serving role."""
+    return ledger_database.service_url
+
+
+@pytest.fixture(scope="session")
+def settings(service_database_url: str) -> Settings:
+    return provision.settings_for(service_database_url, pool_size=20, max_overflow=10, retry_after_seconds=1)
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """Direct database access as the owner, for checking what the service wrote."""
+    engine = create_engine(Settings(database_url=database_url))
     yield engine
     await engine.dispose()
 
 
+def authorized(client: AsyncTestClient) -> AsyncTestClient:
+    """Every request of `client` carries the session's admin key."""
+    client.headers.update(provision.API_HEADERS)
+    return client
+
+
 @pytest.fixture(scope="session")
 async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    """The app in-process (lifespan included), for integration tests over HTTP semantics."""
+    """The app in-process (lifespan included), for integration tests over HTTP semantics,
+    with the admin key."""
     async with AsyncTestClient(create_app(settings)) as client:
-        yield client
+        yield authorized(client)
+
+
+@pytest.fixture(scope="session")
+def api_headers() -> dict[str, str]:
+    """What a client of a real server sends: the admin key."""
+    return dict(provision.API_HEADERS)
 
 
 @pytest.fixture
@@ -80,13 +114,16 @@ def server_url(server: tuple[str, Path]) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def server(
+    ledger_database: provision.LedgerDatabase, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
     """A real `ledger serve` process over HTTP, on the session's database: (URL, log file)."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    directory = tmp_path_factory.mktemp("server")
+    log_path = directory / "server.log"
     environment = {
         **os.environ,
-        "LEDGER_DATABASE_URL": database_url,
+        **provision.server_environment(ledger_database, directory / "data"),
         "LEDGER_POOL_SIZE": "30",
         "LEDGER_MAX_OVERFLOW": "10",
         "LEDGER_LOG_LEVEL": "info",

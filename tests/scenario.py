@@ -16,6 +16,8 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests import provision
+
 HOUSE_FUNDING = 10_000
 MAX_ATTEMPTS = 200
 
@@ -103,7 +105,8 @@ async def run_bank_scenario(
     report.deadlocks_before = await deadlock_count(engine)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+    headers = provision.API_HEADERS
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30, headers=headers) as client:
         for account in accounts:
             body = {"id": account, "currency": "EUR", "allow_negative_balance": account == house}
             response = await client.post("/v1/accounts", json=body)

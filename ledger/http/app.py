@@ -16,16 +16,20 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 
 from ledger import __version__
-from ledger.database import create_engine, create_session_factory
+from ledger.database import create_audit_engine, create_engine, create_session_factory
 from ledger.http.audit import AuditController
+from ledger.http.body import check_request_body
 from ledger.http.health import live, metrics_endpoint, ready
+from ledger.http.keys import KeyController
 from ledger.http.openapi import complete_openapi, repair_options
 from ledger.http.problems import EXCEPTION_HANDLERS
 from ledger.http.routes import AccountController, TransferController
+from ledger.integrity import Keyring, load_keyring
 from ledger.migrate import head_revision
 from ledger.observability import Metrics, request_id_middleware
 from ledger.service.accounts import AccountService
 from ledger.service.batches import BatchService
+from ledger.service.checkpoints import run_checkpointer
 from ledger.service.expiry import run_sweeper
 from ledger.service.keys import KeyRing
 from ledger.service.locking import AccountLocker, lock_accounts
@@ -48,52 +52,89 @@ class Ledger:
     queries: LedgerQueries
 
 
-def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock_accounts) -> Litestar:
-    """Build the app. `locker` exists so that tests can prove the lock order matters."""
+def create_app(
+    settings: Settings | None = None, *, locker: AccountLocker = lock_accounts, keyring: Keyring | None = None
+) -> Litestar:
+    """Build the app. `locker` exists so that tests can prove the lock order matters.
+    The chain keys come from `keyring`, else from the settings (`LEDGER_CHAIN_KEYS` or the
+    key file, which `ledger serve` creates at the first start)."""
     settings = settings or Settings.from_env()
+    if keyring is None:
+        keyring, _ = load_keyring(settings.chain_keys, settings.chain_key_file, create=False)
+    chain = keyring.active
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        engine = create_engine(settings)
-        metrics.pool = engine.sync_engine.pool
-        app.state.keyring = KeyRing(engine, settings.admin_key, settings.auth_required)
-        if not await _auth_enforced(app.state.keyring):
+        if settings.insecure_disable_auth:
             logger.warning(
-                "no API key is configured: every client may call every endpoint. "
-                "Set LEDGER_ADMIN_KEY (or LEDGER_AUTH_REQUIRED=true) outside development."
+                "AUTHENTICATION IS DISABLED (LEDGER_INSECURE_DISABLE_AUTH=true): every client is admin. "
+                "Development only: never expose this service."
             )
+        engine = create_engine(settings)
+        audit_engine = create_audit_engine(settings)
+        metrics.pool = engine.sync_engine.pool
+        app.state.api_keys = KeyRing(engine, settings.admin_key, keyring, disabled=settings.insecure_disable_auth)
         unit_of_work = UnitOfWork(engine.connect, settings, on_retry=metrics.retry)
         metrics.unit_of_work = unit_of_work
         app.state.engine = engine
+        app.state.audit_engine = audit_engine
+        app.state.chain = keyring
         app.state.ledger = Ledger(
             unit_of_work=unit_of_work,
-            accounts=AccountService(unit_of_work),
-            transfers=TransferService(unit_of_work, locker),
-            batches=BatchService(unit_of_work, locker),
+            accounts=AccountService(unit_of_work, chain),
+            transfers=TransferService(unit_of_work, chain, locker),
+            batches=BatchService(unit_of_work, chain, locker),
             queries=LedgerQueries(unit_of_work),
         )
-        sweeper = None
+        tasks = []
         if settings.expiry_sweep_interval_seconds > 0:
-            sweeper = asyncio.create_task(
-                run_sweeper(
-                    create_session_factory(engine), settings.expiry_sweep_interval_seconds, settings.expiry_sweep_limit
-                ),
-                name="ledger-expiry-sweeper",
+            tasks.append(
+                asyncio.create_task(
+                    run_sweeper(
+                        create_session_factory(engine),
+                        settings.expiry_sweep_interval_seconds,
+                        settings.expiry_sweep_limit,
+                        chain,
+                    ),
+                    name="ledger-expiry-sweeper",
+                )
+            )
+        if settings.checkpoint_interval_seconds > 0:
+            tasks.append(
+                asyncio.create_task(
+                    run_checkpointer(
+                        audit_engine,
+                        keyring,
+                        settings.checkpoints,
+                        settings.checkpoint_interval_seconds,
+                        settings.checkpoint_keep,
+                    ),
+                    name="ledger-checkpointer",
+                )
             )
         _tune_garbage_collector()
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                    await task
             await engine.dispose()
+            await audit_engine.dispose()
 
     metrics = Metrics()
     app = Litestar(
-        route_handlers=[AccountController, TransferController, AuditController, live, ready, metrics_endpoint],
-        middleware=[request_id_middleware(metrics, settings.access_log)],
+        route_handlers=[
+            AccountController,
+            TransferController,
+            AuditController,
+            KeyController,
+            live,
+            ready,
+            metrics_endpoint,
+        ],
+        before_request=check_request_body,
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
@@ -109,14 +150,10 @@ def create_app(settings: Settings | None = None, *, locker: AccountLocker = lock
     )
     complete_openapi(app)
     repair_options(app)
+    # Around the whole application, routing included: 404 and 405 answers get a request
+    # id, an access line and a metric too.
+    app.asgi_handler = request_id_middleware(metrics, settings.access_log)(app.asgi_handler)
     return app
-
-
-async def _auth_enforced(keyring: KeyRing) -> bool:
-    try:
-        return await keyring.enforced()
-    except Exception:  # the database may be down at start; the guards will ask again
-        return True
 
 
 def _tune_garbage_collector() -> None:

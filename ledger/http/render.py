@@ -62,6 +62,7 @@ def entry_out(entry: EntryRecord) -> EntryOut:
         balance_after=entry.balance_after,
         created_at=format_timestamp(entry.created_at),
         hash=entry.hash.hex(),
+        key_id=entry.key_id,
     )
 
 

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import JSONBody, PathParameter, QueryParameter
-from litestar.response import Stream
 
 from ledger.domain import BatchItem, TransferRequest
 from ledger.errors import AccountNotFound, BatchTooLarge, InvalidRequest, TransferNotFound
-from ledger.http.auth import MOVE_MONEY, READ
-from ledger.http.body import decode_strict
+from ledger.http.auth import MOVE_MONEY, READ, require_admin_for
+from ledger.http.body import decode_strict, path_identifier
 from ledger.http.problems import READ_PROBLEMS, WRITE_PROBLEMS, documented, refusal_response, replayed
 from ledger.http.render import account_out, balance_out, batch_result_out, entry_out, refusal_detail, transfer_out
 from ledger.http.schemas import (
@@ -36,6 +35,7 @@ from ledger.http.schemas import (
     format_timestamp,
     parse_timestamp,
 )
+from ledger.http.streaming import BudgetedStream, ExportCut
 from ledger.models import TRANSFER_STATUSES
 from ledger.service import audit
 from ledger.service.records import TransferOutcome
@@ -102,6 +102,9 @@ class AccountController(Controller):
         """Open an account. Same `id` and same fields: 200 with the stored account and
         `Idempotent-Replayed: true`; same `id`, other fields: 409."""
         body = await decode_strict(request, AccountCreate)
+        if body.allow_negative_balance:
+            # Money enters the ledger from such accounts: a poster could otherwise mint it.
+            require_admin_for(request, "open an account that may go negative (`allow_negative_balance`)")
         outcome = await state.ledger.accounts.open(
             account_id=body.id,
             currency=body.currency,
@@ -132,8 +135,7 @@ class AccountController(Controller):
     @get("/{account_id:str}", operation_id="getAccount", guards=[READ], responses=documented(*READ_PROBLEMS, 404))
     async def get_account(self, state: State, account_id: AccountId) -> AccountOut:
         """One account with its balances and journal length."""
-        if not IDENTIFIER_RE.fullmatch(account_id):
-            raise AccountNotFound(f"no account with id {account_id!r}")
+        path_identifier(account_id, AccountNotFound, "account")
         return account_out(await state.ledger.queries.account(account_id))
 
     @get(
@@ -154,9 +156,8 @@ class AccountController(Controller):
     ) -> EntryPage:
         """The account's journal, oldest first: sequence 1, 2, 3... with no gaps. With
         `Accept: text/csv` the whole statement (every page, within from/to) streams as CSV
-        from one consistent snapshot."""
-        if not IDENTIFIER_RE.fullmatch(account_id):
-            raise AccountNotFound(f"no account with id {account_id!r}")
+        up to the account's last entry when the export started."""
+        path_identifier(account_id, AccountNotFound, "account")
         if "text/csv" in request.headers.get("accept", ""):
             return await csv_statement(state, account_id, _timestamp("from", start), _timestamp("to", end))  # type: ignore[return-value]
         page = await state.ledger.queries.entries(
@@ -181,8 +182,7 @@ class AccountController(Controller):
         as_of: AsOf = None,
     ) -> AccountBalanceOut:
         """The posted balance after the last entry at or before `as_of`."""
-        if not IDENTIFIER_RE.fullmatch(account_id):
-            raise AccountNotFound(f"no account with id {account_id!r}")
+        path_identifier(account_id, AccountNotFound, "account")
         balance = await state.ledger.queries.balance(account_id, _timestamp("as_of", as_of))
         return balance_out(balance)
 
@@ -200,36 +200,32 @@ async def _optional_body(request: Request, kind: type[T]) -> T | None:
     return await decode_strict(request, kind | None)  # type: ignore[arg-type]
 
 
-CSV_COLUMNS = ("account_id", "sequence", "transfer_id", "amount", "balance_after", "created_at", "hash")
+CSV_COLUMNS = ("account_id", "sequence", "transfer_id", "amount", "balance_after", "created_at", "hash", "key_id")
 
 
-class OwnMediaTypeStream(Stream):
-    """A stream that keeps its own media type: Litestar otherwise applies the handler's
-    (JSON, for the entries endpoint) over the one the response was given."""
-
-    def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["media_type"] = self.media_type
-        return super().to_asgi_response(*args, **kwargs)
-
-
-async def csv_statement(
-    state: State, account_id: str, start: datetime | None, end: datetime | None
-) -> OwnMediaTypeStream:
-    pages = await audit.statement_pages(state.engine, account_id, start, end)
+async def csv_statement(state: State, account_id: str, start: datetime | None, end: datetime | None) -> BudgetedStream:
+    """The statement as CSV, page by page; each page borrows a connection of the audit
+    pool only while it is read, so a slow reader holds no database connection."""
+    pages = await audit.statement_pages(state.audit_engine, account_id, start, end)
 
     async def lines() -> AsyncIterator[bytes]:
         # Ids are [A-Za-z0-9._:-] and the rest are numbers, timestamps and hex: no field
         # ever needs CSV quoting.
         yield (",".join(CSV_COLUMNS) + "\r\n").encode()
-        async for rows in pages:
-            yield "".join(
-                f"{account_id},{r.sequence},{r.transfer_id},{r.amount},{r.balance_after},"
-                f"{format_timestamp(r.created_at)},{r.hash.hex()}\r\n"
-                for r in rows
-            ).encode()
+        try:
+            async for rows in pages:
+                yield "".join(
+                    f"{account_id},{r.sequence},{r.transfer_id},{r.amount},{r.balance_after},"
+                    f"{format_timestamp(r.created_at)},{r.hash.hex()},{r.key_id}\r\n"
+                    for r in rows
+                ).encode()
+        except Exception as error:
+            # Mid-stream there is no status left to send: the response must end incomplete.
+            raise ExportCut(f"reading the statement failed: {type(error).__name__}") from error
 
-    return OwnMediaTypeStream(
+    return BudgetedStream(
         lines(),
+        budget_seconds=state.settings.export_timeout_seconds,
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{account_id}-statement.csv"'},
     )
@@ -315,8 +311,7 @@ class TransferController(Controller):
         """Post a pending transfer, fully or partly (the rest is released). Repeating the
         same post returns the same 200; a different second decision is a 409."""
         body = await _optional_body(request, PostPending)
-        if not IDENTIFIER_RE.fullmatch(transfer_id):
-            raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+        path_identifier(transfer_id, TransferNotFound, "transfer")
         return transfer_out(await state.ledger.transfers.post(transfer_id, body.amount if body else None))
 
     @post(
@@ -329,8 +324,7 @@ class TransferController(Controller):
     async def void_pending(self, request: Request, state: State, transfer_id: TransferId) -> TransferOut:
         """Void a pending transfer: its reservation is released. Repeating it returns the same 200."""
         await _optional_body(request, VoidPending)
-        if not IDENTIFIER_RE.fullmatch(transfer_id):
-            raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+        path_identifier(transfer_id, TransferNotFound, "transfer")
         return transfer_out(await state.ledger.transfers.void(transfer_id))
 
     @post(
@@ -346,8 +340,7 @@ class TransferController(Controller):
         """Reverse a posted transfer with a new transfer in the opposite direction,
         idempotent by its own `id`; reversals of one transfer never exceed its posted amount."""
         body = await decode_strict(request, Reverse)
-        if not IDENTIFIER_RE.fullmatch(transfer_id):
-            raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+        path_identifier(transfer_id, TransferNotFound, "transfer")
         return _transfer_response(await state.ledger.transfers.reverse(transfer_id, body.id, body.amount), state)
 
     @get("/", operation_id="listTransfers", guards=[READ], responses=documented(*READ_PROBLEMS))
@@ -380,6 +373,5 @@ class TransferController(Controller):
     @get("/{transfer_id:str}", operation_id="getTransfer", guards=[READ], responses=documented(*READ_PROBLEMS, 404))
     async def get_transfer(self, state: State, transfer_id: TransferId) -> TransferOut:
         """A transfer in its current state, rejected ones included."""
-        if not IDENTIFIER_RE.fullmatch(transfer_id):
-            raise TransferNotFound(f"no transfer with id {transfer_id!r}")
+        path_identifier(transfer_id, TransferNotFound, "transfer")
         return transfer_out(await state.ledger.queries.transfer(transfer_id))

@@ -24,7 +24,7 @@ Identifier = Annotated[
         min_length=1,
         max_length=64,
         pattern=r"^[A-Za-z0-9._:-]+$",
-        description="1 to 64 characters of [A-Za-z0-9._:-], chosen by the client",
+        description="1 to 64 characters of [A-Za-z0-9._:-], not only dots, chosen by the client",
         examples=["order-1234:capture"],
     ),
 ]
@@ -50,7 +50,7 @@ def _check_identifier(field: str, value: str | None) -> None:
     # msgspec's pattern uses re.search, where `$` also matches before a final newline;
     # fullmatch closes that gap (PostgreSQL's CHECK would otherwise catch it as a 5xx).
     if value is not None and not IDENTIFIER_RE.fullmatch(value):
-        raise ValueError(f"`{field}` must be 1 to 64 characters of [A-Za-z0-9._:-]")
+        raise ValueError(f"`{field}` must be 1 to 64 characters of [A-Za-z0-9._:-], not only dots")
 
 
 def _check_text(field: str, value: str | None) -> None:
@@ -196,6 +196,8 @@ class EntryOut(msgspec.Struct):
     balance_after: int
     created_at: str
     hash: str
+    # The chain key `hash` is an HMAC under ("" for the SHA-256 chain of old entries).
+    key_id: str
 
 
 class AccountBalanceOut(msgspec.Struct):
@@ -229,11 +231,21 @@ class AuditVerify(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check_identifier("account_id", self.account_id)
 
 
-class AuditProblemOut(msgspec.Struct):
+class AuditProblemOut(msgspec.Struct, omit_defaults=True):
     account_id: str
     sequence: int | None
     code: str
     detail: str
+    transfer_id: str | None = None
+
+
+class CheckpointOut(msgspec.Struct):
+    """The checkpoint the database was compared with (None when there is none yet)."""
+
+    taken_at: str
+    key_id: str
+    accounts: int
+    transfers: int
 
 
 class AuditReportOut(msgspec.Struct):
@@ -242,6 +254,8 @@ class AuditReportOut(msgspec.Struct):
     entries_checked: int
     problems: list[AuditProblemOut]
     problems_total: int
+    transfers_checked: int
+    checkpoint: CheckpointOut | None
 
 
 class CurrencyBalanceOut(msgspec.Struct):
@@ -254,6 +268,39 @@ class CurrencyBalanceOut(msgspec.Struct):
 class TrialBalanceOut(msgspec.Struct):
     as_of: str
     balances: list[CurrencyBalanceOut]
+
+
+Role = Literal["admin", "poster", "auditor"]
+
+
+class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A new API key with one role; the key itself is in the answer, once."""
+
+    role: Role
+    name: Name | None = None
+
+    def __post_init__(self) -> None:
+        _check_text("name", self.name)
+
+
+class KeyOut(msgspec.Struct, kw_only=True):
+    id: str
+    role: str
+    name: str | None
+    created_at: str
+    revoked_at: str | None
+    created_by: str | None
+    revoked_by: str | None
+
+
+class KeyCreatedOut(KeyOut, kw_only=True):
+    # Shown once: only its SHA-256 is stored.
+    key: str
+
+
+class KeyPage(msgspec.Struct):
+    data: list[KeyOut]
+    next_cursor: str | None
 
 
 class FieldError(msgspec.Struct):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import secrets
+from types import SimpleNamespace
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from ledger.errors import AccountExistsWithDifferentFields
+from ledger.integrity import ChainKey, account_message, seal
 from ledger.models import Account
 from ledger.service.queries import ACCOUNT_COLUMNS, STORED_ACCOUNT_COLUMNS
 from ledger.service.records import AccountOutcome, AccountRecord
@@ -20,8 +22,9 @@ def new_account_id() -> str:
 
 
 class AccountService:
-    def __init__(self, unit_of_work: UnitOfWork) -> None:
+    def __init__(self, unit_of_work: UnitOfWork, key: ChainKey) -> None:
         self._unit_of_work = unit_of_work
+        self._key = key
 
     async def open(
         self,
@@ -40,6 +43,10 @@ class AccountService:
             "allow_negative_balance": allow_negative_balance,
             "metadata": metadata or {},
         }
+        sealed = {
+            "seal": seal(self._key, account_message(self._key.id, SimpleNamespace(**fields))),
+            "seal_key": self._key.id,
+        }
 
         async def work(session: Executor) -> AccountOutcome:
             # ON CONFLICT DO NOTHING waits for a concurrent insert of the same id to
@@ -48,7 +55,7 @@ class AccountService:
                 (
                     await session.execute(
                         insert(Account)
-                        .values(**{("metadata_" if k == "metadata" else k): v for k, v in fields.items()})
+                        .values(**{("metadata_" if k == "metadata" else k): v for k, v in fields.items()}, **sealed)
                         .on_conflict_do_nothing(index_elements=[Account.id])
                         .returning(*STORED_ACCOUNT_COLUMNS)
                     )

@@ -24,6 +24,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 
 from ledger.domain import BatchItem, ItemDecision, LockedAccount, decide_batch
+from ledger.integrity import ChainKey
 from ledger.models import Transfer
 from ledger.service.expiry import release_due
 from ledger.service.locking import AccountLocker, lock_accounts
@@ -45,8 +46,9 @@ class BatchResult:
 
 
 class BatchService:
-    def __init__(self, unit_of_work: UnitOfWork, locker: AccountLocker = lock_accounts) -> None:
+    def __init__(self, unit_of_work: UnitOfWork, key: ChainKey, locker: AccountLocker = lock_accounts) -> None:
         self._unit_of_work = unit_of_work
+        self._key = key
         self._lock = locker
 
     async def create(self, items: list[BatchItem]) -> list[BatchResult]:
@@ -76,17 +78,18 @@ class BatchService:
         for _ in range(MAX_ATTEMPTS):
             existing = {key: (record.request_hash, record.status != "rejected") for key, record in stored.items()}
             working = dict(accounts)
-            decisions = decide_batch(items, existing, working, now)
-            writes = _writes(items, decisions, accounts, working, now, expiries)
+            decisions = decide_batch(items, existing, working, now, self._key)
+            written = _written(items, decisions, now)
+            writes = _writes(written, decisions, items, accounts, working, expiries)
             try:
                 async with session.begin_nested():
-                    await write(session, writes)
+                    await write(session, writes, self._key)
             except IdsClaimed as claimed:
                 stored.update(await _fetch(session, sorted(claimed.ids)))
                 continue
             # The rows are exactly what was just written: answer from memory, without a
             # read while the locks are held.
-            return _results(items, decisions, stored, _written(items, decisions, now))
+            return _results(items, decisions, stored, written)
         # Ids keep being claimed under us: start the whole transaction again.
         raise RetryableConflict("batch ids kept being claimed by concurrent requests")
 
@@ -99,11 +102,11 @@ async def _fetch(session: Executor, ids: list[str]) -> dict[str, TransferRecord]
 
 
 def _writes(
-    items: list[BatchItem],
+    written: dict[str, TransferRecord],
     decisions: list[ItemDecision],
+    items: list[BatchItem],
     before: dict[str, LockedAccount],
     after: dict[str, LockedAccount],
-    now: datetime,
     expiries: Writes,
 ) -> Writes:
     writes = Writes(changes=dict(expiries.changes))
@@ -111,17 +114,9 @@ def _writes(
         if decision.status != "created" and not decision.recorded:
             continue
         request = items[decision.index].request
-        plan = decision.plan
-        if plan is None:
-            writes.new_transfer(
-                request, status="rejected", code=decision.code, currency=request.currency, created_at=now
-            )
-            continue
-        writes.new_transfer(
-            request, status=plan.status, code=None, currency=plan.currency, created_at=plan.created_at,
-            expires_at=plan.expires_at,
-        )  # fmt: skip
-        writes.plan(request.id, plan)
+        writes.new_transfer(written[request.id])
+        if decision.plan is not None:
+            writes.plan(request.id, decision.plan)
     # Final states only, of every account whose state changed (by expiry or by items).
     writes.accounts = {
         key: account for key, account in after.items() if account != before.get(key) or key in expiries.accounts

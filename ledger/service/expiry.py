@@ -16,23 +16,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ledger.domain import LockedAccount, PendingTransfer, release
+from ledger.integrity import ChainKey
+from ledger.models import Transfer
 from ledger.service.locking import LOCKED_COLUMNS, locked_account
+from ledger.service.records import TransferRecord
 from ledger.service.unit_of_work import Executor, sqlstate, translate
 from ledger.service.writer import Writes, write
 
 logger = logging.getLogger("ledger.expiry")
 
-PENDING_COLUMNS = "id, debit_account_id, credit_account_id, amount, status, pending, expires_at, posted_amount"
+# A transfer's row as stored, which its change is sealed from (the seal itself aside).
+STORED_TRANSFER_COLUMNS = tuple(c for c in Transfer.__table__.columns if c.key not in ("seal", "seal_key"))
+_STORED = ", ".join(column.key for column in STORED_TRANSFER_COLUMNS)
 
 DUE_AMONG = text(
     f"""
-    SELECT {PENDING_COLUMNS} FROM transfers
+    SELECT {_STORED} FROM transfers
     WHERE status = 'pending' AND expires_at <= :now
       AND debit_account_id = ANY(CAST(:ids AS text[])) AND credit_account_id = ANY(CAST(:ids AS text[]))
     ORDER BY id
@@ -41,7 +47,7 @@ DUE_AMONG = text(
 )
 CLAIM = text(
     f"""
-    SELECT {PENDING_COLUMNS}, clock_timestamp() AS now FROM transfers
+    SELECT {_STORED}, clock_timestamp() AS now FROM transfers
     WHERE status = 'pending' AND expires_at <= clock_timestamp()
     ORDER BY expires_at
     LIMIT :limit
@@ -56,17 +62,26 @@ LOCK_NOWAIT = text(
 )
 
 
-def pending_transfer(row: object) -> PendingTransfer:
-    return PendingTransfer(**{key: row[key] for key in PENDING_COLUMNS.split(", ")})  # type: ignore[index]
+def pending_transfer(transfer: TransferRecord) -> PendingTransfer:
+    return PendingTransfer(
+        id=transfer.id,
+        debit_account_id=transfer.debit_account_id,
+        credit_account_id=transfer.credit_account_id,
+        amount=transfer.amount,
+        status=transfer.status,
+        pending=transfer.pending,
+        expires_at=transfer.expires_at,
+        posted_amount=transfer.posted_amount,
+    )
 
 
-def expire(transfer: PendingTransfer, accounts: dict[str, LockedAccount], now: datetime, writes: Writes) -> None:
-    debit, credit = release(transfer, accounts)
+def expire(transfer: TransferRecord, accounts: dict[str, LockedAccount], now: datetime, writes: Writes) -> None:
+    debit, credit = release(pending_transfer(transfer), accounts)
     accounts[debit.id] = debit
     accounts[credit.id] = credit
     writes.account(debit)
     writes.account(credit)
-    writes.change_transfer(transfer.id, status="expired", posted_amount=None, reversed_amount=0, updated_at=now)
+    writes.change_transfer(replace(transfer, status="expired", updated_at=now))
 
 
 async def release_due(session: Executor, accounts: dict[str, LockedAccount], now: datetime, writes: Writes) -> set[str]:
@@ -76,11 +91,11 @@ async def release_due(session: Executor, accounts: dict[str, LockedAccount], now
         return set()
     rows = (await session.execute(DUE_AMONG, {"now": now, "ids": sorted(accounts)})).mappings().all()
     for row in rows:
-        expire(pending_transfer(row), accounts, now, writes)
+        expire(TransferRecord.from_row(row), accounts, now, writes)
     return {row["id"] for row in rows}
 
 
-async def sweep_once(session_factory: async_sessionmaker[AsyncSession], limit: int) -> int:
+async def sweep_once(session_factory: async_sessionmaker[AsyncSession], limit: int, key: ChainKey) -> int:
     """Release up to `limit` due reservations; return how many."""
     async with session_factory() as session:
         claimed = (await session.execute(CLAIM, {"limit": limit})).mappings().all()
@@ -97,17 +112,19 @@ async def sweep_once(session_factory: async_sessionmaker[AsyncSession], limit: i
         accounts = {row["id"]: locked_account(row) for row in rows}
         writes = Writes()
         for row in claimed:
-            expire(pending_transfer(row), accounts, now, writes)
-        await write(session, writes)
+            expire(TransferRecord.from_row(row), accounts, now, writes)
+        await write(session, writes, key)
         await session.commit()
         return len(claimed)
 
 
-async def run_sweeper(session_factory: async_sessionmaker[AsyncSession], interval_seconds: float, limit: int) -> None:
+async def run_sweeper(
+    session_factory: async_sessionmaker[AsyncSession], interval_seconds: float, limit: int, key: ChainKey
+) -> None:
     """Sweep forever (until cancelled): at once again while batches come back full."""
     while True:
         try:
-            released = await sweep_once(session_factory, limit)
+            released = await sweep_once(session_factory, limit, key)
         except asyncio.CancelledError:
             raise
         except Exception as error:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from datetime import datetime, timedelta
 from typing import Any
 
 from ledger.domain import IDENTIFIER_RE
 from ledger.errors import InvalidCursor
+from ledger.integrity import EPOCH
 
 MAX_CURSOR_LENGTH = 512
 MIN_BIGINT, MAX_BIGINT = -(2**63), 2**63 - 1
@@ -42,3 +44,11 @@ def decode_cursor(cursor: str, shape: tuple[type, ...]) -> list[Any]:
         if isinstance(value, str) and not IDENTIFIER_RE.fullmatch(value):
             raise InvalidCursor("cursor is not one this service issued")
     return key
+
+
+def cursor_time(value: int) -> datetime:
+    """A timestamp kept in a cursor as microseconds since the epoch."""
+    try:
+        return EPOCH + timedelta(microseconds=value)
+    except OverflowError as error:
+        raise InvalidCursor("cursor is not one this service issued") from error

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import BigInteger, ColumnElement, Select, and_, case, cast, exists, func, or_, select, tuple_
 
 from ledger.domain import epoch_microseconds
-from ledger.errors import AccountNotFound, InvalidCursor, TransferNotFound
+from ledger.errors import AccountNotFound, TransferNotFound
 from ledger.models import Account, Entry, Transfer
-from ledger.service.pagination import decode_cursor, encode_cursor
+from ledger.service.pagination import cursor_time, decode_cursor, encode_cursor
 from ledger.service.records import AccountRecord, BalanceRecord, EntryRecord, Page, TransferRecord
 from ledger.service.unit_of_work import Executor, UnitOfWork
 
@@ -59,11 +59,6 @@ TRANSFER_COLUMNS = tuple(
     EFFECTIVE_STATUS.label("status") if column.key == "status" else column for column in Transfer.__table__.columns
 )
 ENTRY_COLUMNS = tuple(Entry.__table__.columns)
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _from_microseconds(value: int) -> datetime:
-    return EPOCH + timedelta(microseconds=value)
 
 
 class LedgerQueries:
@@ -120,10 +115,7 @@ class LedgerQueries:
             statement = statement.where(Transfer.created_at <= end)
         if cursor is not None:
             after_us, after_id = decode_cursor(cursor, (int, str))
-            try:
-                after_time = _from_microseconds(after_us)
-            except OverflowError as error:
-                raise InvalidCursor("cursor is not one this service issued") from error
+            after_time = cursor_time(after_us)
             statement = statement.where(tuple_(Transfer.created_at, Transfer.id) > tuple_(after_time, after_id))
         rows = await self._rows(statement)
         items = [TransferRecord.from_row(row) for row in rows[:limit]]

@@ -131,6 +131,7 @@ class EntryRecord:
     balance_after: int
     created_at: datetime
     hash: bytes
+    key_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +150,14 @@ class Page(Generic[T]):
     next_cursor: str | None
 
 
-def created_record(request: TransferRequest, plan: TransferPlan, fingerprint: bytes) -> TransferRecord:
-    """The stored row is exactly what was just written: answer from memory, no re-read."""
+def created_record(
+    request: TransferRequest, plan: TransferPlan, fingerprint: bytes, *, reversal_of: str | None = None
+) -> TransferRecord:
+    """The row a decided transfer stores (`Writes.new_transfer`): answered from memory,
+    never re-read."""
     return _stored(
         request, status=plan.status, code=None, currency=plan.currency, created_at=plan.created_at,
-        expires_at=plan.expires_at, request_hash=fingerprint,
+        expires_at=plan.expires_at, request_hash=fingerprint, reversal_of=reversal_of,
     )  # fmt: skip
 
 
@@ -165,7 +169,7 @@ def rejected_record(
     reversal_of: str | None = None,
     request_hash: bytes | None = None,
 ) -> TransferRecord:
-    """A recorded refusal as it is stored (`Writes.new_transfer` with status rejected)."""
+    """A recorded refusal, as it is stored."""
     return _stored(
         request, status="rejected", code=code, currency=request.currency, created_at=now, expires_at=None,
         request_hash=request_hash or request.fingerprint(), reversal_of=reversal_of,
@@ -183,7 +187,7 @@ def _stored(
     request_hash: bytes,
     reversal_of: str | None = None,
 ) -> TransferRecord:
-    """A new transfer row as `Writes.new_transfer` stores it."""
+    """A new transfer row, as stored."""
     return TransferRecord(
         id=request.id,
         debit_account_id=request.debit_account_id,

@@ -34,8 +34,8 @@ from dataclasses import replace
 from datetime import datetime
 
 import asyncpg
+from sqlalchemy import bindparam, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select, text
 
 from ledger.domain import (
     PendingTransfer,
@@ -46,8 +46,9 @@ from ledger.domain import (
     release,
 )
 from ledger.errors import DecisionRefused, TransferExistsWithDifferentFields, TransferNotFound, TransferRefused
+from ledger.integrity import ChainKey
 from ledger.models import Transfer
-from ledger.service.expiry import PENDING_COLUMNS, pending_transfer, release_due
+from ledger.service.expiry import STORED_TRANSFER_COLUMNS, pending_transfer, release_due
 from ledger.service.locking import LOCK_SQL, AccountLocker, lock_accounts, locked_account
 from ledger.service.queries import TRANSFER_COLUMNS
 from ledger.service.records import TransferOutcome, TransferRecord, created_record, rejected_record
@@ -61,12 +62,14 @@ CONSTRAINT_REFUSALS = {
     "ck_transfers_accounts_different": "accounts_must_be_different",
 }
 
-LOCK_TRANSFER = text(f"SELECT {PENDING_COLUMNS}, reversed_amount, currency FROM transfers WHERE id = :id FOR UPDATE")
+# The row as stored (not its effective status): its change is sealed from these values.
+LOCK_TRANSFER = select(*STORED_TRANSFER_COLUMNS).where(Transfer.id == bindparam("id")).with_for_update()
 
 
 class TransferService:
-    def __init__(self, unit_of_work: UnitOfWork, locker: AccountLocker = lock_accounts) -> None:
+    def __init__(self, unit_of_work: UnitOfWork, key: ChainKey, locker: AccountLocker = lock_accounts) -> None:
         self._unit_of_work = unit_of_work
+        self._key = key
         self._lock = locker
         # The driver path uses the standard lock statement; a substituted locker (tests
         # prove that a broken one is caught) must see every transfer.
@@ -76,7 +79,7 @@ class TransferService:
 
     async def create(self, request: TransferRequest) -> TransferOutcome:
         if self._fast:
-            outcome = await self._unit_of_work.run_on_driver(lambda driver: _create_fast(driver, request))
+            outcome = await self._unit_of_work.run_on_driver(lambda driver: _create_fast(driver, request, self._key))
             if outcome is not None:
                 return outcome
 
@@ -97,23 +100,21 @@ class TransferService:
         await release_due(session, accounts, now, writes)
         try:
             async with session.begin_nested():
-                plan = decide_transfer(request, accounts, now)
-                writes.new_transfer(
-                    request, status=plan.status, code=None, currency=plan.currency, created_at=plan.created_at,
-                    expires_at=plan.expires_at,
-                )  # fmt: skip
+                plan = decide_transfer(request, accounts, now, self._key)
+                record = created_record(request, plan, fingerprint)
+                writes.new_transfer(record)
                 writes.plan(request.id, plan)
-                await write(session, writes)
+                await write(session, writes, self._key)
         except TransferRefused as refusal:
-            return await record_rejection(session, request, refusal.reason, now)
+            return await record_rejection(session, request, refusal.reason, now, self._key)
         except IdsClaimed:
             return await replay_winner(session, request.id, fingerprint)
         except sa_exc.IntegrityError as error:
             reason = CONSTRAINT_REFUSALS.get(constraint_name(error) or "")
             if reason is None:
                 raise
-            return await record_rejection(session, request, reason, now)
-        return TransferOutcome(created_record(request, plan, fingerprint), replayed=False)
+            return await record_rejection(session, request, reason, now, self._key)
+        return TransferOutcome(record, replayed=False)
 
     # -- post and void --------------------------------------------------------------
 
@@ -131,36 +132,32 @@ class TransferService:
             accounts, now = await self._lock(session, (current.debit_account_id, current.credit_account_id))
             writes = Writes()
             released = await release_due(session, accounts, now, writes)
-            row = (await session.execute(LOCK_TRANSFER, {"id": transfer_id})).mappings().one()
-            pending = pending_transfer(row)
+            stored = TransferRecord.from_row(
+                (await session.execute(LOCK_TRANSFER, {"id": transfer_id})).mappings().one()
+            )
+            pending = pending_transfer(stored)
             if transfer_id in released:
                 pending = _with_status(pending, "expired")
             try:
                 repeat = check_decision(pending, decision, amount)
             except DecisionRefused:
                 # An expiry found on the way is kept: commit it, then refuse.
-                await write(session, writes)
+                await write(session, writes, self._key)
                 await session.commit()
                 raise
             if not repeat:
                 if decision == "post":
                     posted = amount or pending.amount
-                    plan = decide_post(pending, posted, accounts, now)
+                    plan = decide_post(pending, posted, accounts, now, self._key)
                     writes.plan(transfer_id, plan)
                     writes.change_transfer(
-                        transfer_id,
-                        status="posted",
-                        posted_amount=posted,
-                        reversed_amount=0,
-                        updated_at=plan.created_at,
+                        replace(stored, status="posted", posted_amount=posted, updated_at=plan.created_at)
                     )
                 else:
                     for account in release(pending, accounts):
                         writes.account(account)
-                    writes.change_transfer(
-                        transfer_id, status="voided", posted_amount=None, reversed_amount=0, updated_at=now
-                    )
-                await write(session, writes)
+                    writes.change_transfer(replace(stored, status="voided", updated_at=now))
+                await write(session, writes, self._key)
             record = await fetch_transfer(session, transfer_id)
             await session.commit()
             return record or _missing(transfer_id)
@@ -185,44 +182,39 @@ class TransferService:
             accounts, now = await self._lock(session, (original.debit_account_id, original.credit_account_id))
             writes = Writes()
             await release_due(session, accounts, now, writes)
-            row = (await session.execute(LOCK_TRANSFER, {"id": original_id})).mappings().one()
-            posted = row["posted_amount"] if row["pending"] else row["amount"]
-            reversible = posted - row["reversed_amount"] if row["status"] == "posted" else 0
+            stored = TransferRecord.from_row(
+                (await session.execute(LOCK_TRANSFER, {"id": original_id})).mappings().one()
+            )
+            posted = stored.posted_amount if stored.pending else stored.amount
+            reversible = (posted or 0) - stored.reversed_amount if stored.status == "posted" else 0
             resolved = amount if amount is not None else reversible
             request = TransferRequest(
                 id=reversal_id,
                 debit_account_id=original.credit_account_id,
                 credit_account_id=original.debit_account_id,
                 amount=resolved if resolved > 0 else original.amount,
-                currency=row["currency"],
+                currency=stored.currency,
                 description=f"reversal of {original_id}",
             )
             try:
                 async with session.begin_nested():
-                    if row["status"] != "posted":
-                        raise TransferRefused("transfer_not_posted", f"transfer {original_id!r} is {row['status']}")
+                    if stored.status != "posted":
+                        raise TransferRefused("transfer_not_posted", f"transfer {original_id!r} is {stored.status}")
                     if resolved <= 0 or resolved > reversible:
                         raise TransferRefused(
                             "exceeds_reversible_amount",
                             f"{reversible} of transfer {original_id!r} can still be reversed",
                         )
-                    plan = decide_transfer(request, accounts, now)
-                    writes.new_transfer(
-                        request, status="posted", code=None, currency=plan.currency, created_at=plan.created_at,
-                        reversal_of=original_id, request_hash=fingerprint,
-                    )  # fmt: skip
+                    plan = decide_transfer(request, accounts, now, self._key)
+                    writes.new_transfer(created_record(request, plan, fingerprint, reversal_of=original_id))
                     writes.plan(reversal_id, plan)
                     writes.change_transfer(
-                        original_id,
-                        status=row["status"],
-                        posted_amount=row["posted_amount"],
-                        reversed_amount=row["reversed_amount"] + resolved,
-                        updated_at=plan.created_at,
+                        replace(stored, reversed_amount=stored.reversed_amount + resolved, updated_at=plan.created_at)
                     )
-                    await write(session, writes)
+                    await write(session, writes, self._key)
             except TransferRefused as refusal:
                 outcome = await record_rejection(
-                    session, request, refusal.reason, now, reversal_of=original_id, request_hash=fingerprint
+                    session, request, refusal.reason, now, self._key, reversal_of=original_id, request_hash=fingerprint
                 )
             except IdsClaimed:
                 outcome = await replay_winner(session, reversal_id, fingerprint)
@@ -234,31 +226,31 @@ class TransferService:
         return await self._unit_of_work.run(work)
 
 
-async def _create_fast(driver: asyncpg.Connection, request: TransferRequest) -> TransferOutcome | None:
+async def _create_fast(driver: asyncpg.Connection, request: TransferRequest, key: ChainKey) -> TransferOutcome | None:
     """The common case in four round trips, or None (nothing written) for the general path."""
     await driver.execute("BEGIN")
-    outcome = await _apply_fast(driver, request)
+    outcome = await _apply_fast(driver, request, key)
     await driver.execute("COMMIT" if outcome is not None else "ROLLBACK")
     return outcome
 
 
-async def _apply_fast(driver: asyncpg.Connection, request: TransferRequest) -> TransferOutcome | None:
+async def _apply_fast(driver: asyncpg.Connection, request: TransferRequest, key: ChainKey) -> TransferOutcome | None:
     rows = await driver.fetch(LOCK_SQL, sorted({request.debit_account_id, request.credit_account_id}))
     if len(rows) != 2 or any(row["has_due"] for row in rows):
         return None  # a missing account, one account on both sides, or a reservation to release
     accounts = {row["id"]: locked_account(row) for row in rows}
     try:
-        plan = decide_transfer(request, accounts, rows[0]["now"])
+        plan = decide_transfer(request, accounts, rows[0]["now"], key)
     except TransferRefused:
         return None  # the general path records the refusal
-    fingerprint = request.fingerprint()
+    record = created_record(request, plan, request.fingerprint())
     try:
-        written = await driver.fetchval(WRITE_ONE_SQL, *write_one_arguments(request, plan, fingerprint))
+        written = await driver.fetchval(WRITE_ONE_SQL, *write_one_arguments(record, plan, key))
     except asyncpg.IntegrityConstraintViolationError:
         return None  # the database refused what the decision allowed: the general path records it
     if not written:
         return None  # the id has an outcome already (a replay, or a concurrent request got there first)
-    return TransferOutcome(created_record(request, plan, fingerprint), replayed=False)
+    return TransferOutcome(record, replayed=False)
 
 
 def _with_status(transfer: PendingTransfer, status: str) -> PendingTransfer:
@@ -294,23 +286,20 @@ async def record_rejection(
     request: TransferRequest,
     reason: str,
     now: datetime,
+    key: ChainKey,
     *,
     reversal_of: str | None = None,
     request_hash: bytes | None = None,
 ) -> TransferOutcome:
     fingerprint = request_hash or request.fingerprint()
+    record = rejected_record(request, reason, now, reversal_of=reversal_of, request_hash=fingerprint)
     writes = Writes()
-    writes.new_transfer(
-        request, status="rejected", code=reason, currency=request.currency, created_at=now,
-        reversal_of=reversal_of, request_hash=fingerprint,
-    )  # fmt: skip
+    writes.new_transfer(record)
     try:
         async with session.begin_nested():
-            await write(session, writes)
+            await write(session, writes, key)
     except IdsClaimed:
         # A concurrent request recorded an outcome for this id first: that one stands.
         return await replay_winner(session, request.id, fingerprint)
     # As stored: answered from memory, as batches do, without a read under the locks.
-    return TransferOutcome(
-        rejected_record(request, reason, now, reversal_of=reversal_of, request_hash=fingerprint), replayed=False
-    )
+    return TransferOutcome(record, replayed=False)

@@ -16,7 +16,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from ledger.domain import LockedAccount, TransferPlan, TransferRequest
+from ledger.domain import EntryPlan, LockedAccount, TransferPlan
+from ledger.integrity import ChainKey, seal, transfer_message
+from ledger.service.records import TransferRecord
 from ledger.service.unit_of_work import Executor
 
 WRITE = text(
@@ -24,19 +26,19 @@ WRITE = text(
     WITH new_transfers AS (
         INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status, code,
                                description, metadata, request_hash, created_at, updated_at, timeout_seconds,
-                               expires_at, reversal_of)
+                               expires_at, reversal_of, seal, seal_key)
         SELECT t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency, t.pending, t.status, t.code,
                t.description, t.metadata, t.request_hash, t.created_at, t.created_at, t.timeout_seconds,
-               t.expires_at, t.reversal_of
+               t.expires_at, t.reversal_of, t.seal, :seal_key
         FROM unnest(CAST(:t_ids AS text[]), CAST(:t_debit_account_ids AS text[]),
                     CAST(:t_credit_account_ids AS text[]), CAST(:t_amounts AS bigint[]),
                     CAST(:t_currencies AS text[]), CAST(:t_pendings AS boolean[]), CAST(:t_statuses AS text[]),
                     CAST(:t_codes AS text[]), CAST(:t_descriptions AS text[]), CAST(:t_metadata AS jsonb[]),
                     CAST(:t_request_hashes AS bytea[]), CAST(:t_created_ats AS timestamptz[]),
                     CAST(:t_timeouts AS integer[]), CAST(:t_expires_ats AS timestamptz[]),
-                    CAST(:t_reversal_ofs AS text[]))
+                    CAST(:t_reversal_ofs AS text[]), CAST(:t_seals AS bytea[]))
              AS t(id, debit_account_id, credit_account_id, amount, currency, pending, status, code, description,
-                  metadata, request_hash, created_at, timeout_seconds, expires_at, reversal_of)
+                  metadata, request_hash, created_at, timeout_seconds, expires_at, reversal_of, seal)
         ON CONFLICT (id) DO NOTHING
         RETURNING id
     ), complete AS (
@@ -44,17 +46,18 @@ WRITE = text(
     ), changed_transfers AS (
         UPDATE transfers
         SET status = u.status, posted_amount = u.posted_amount, reversed_amount = u.reversed_amount,
-            updated_at = u.updated_at
+            updated_at = u.updated_at, seal = u.seal, seal_key = :seal_key
         FROM unnest(CAST(:c_ids AS text[]), CAST(:c_statuses AS text[]), CAST(:c_posted_amounts AS bigint[]),
-                    CAST(:c_reversed_amounts AS bigint[]), CAST(:c_updated_ats AS timestamptz[]))
-             AS u(id, status, posted_amount, reversed_amount, updated_at)
+                    CAST(:c_reversed_amounts AS bigint[]), CAST(:c_updated_ats AS timestamptz[]),
+                    CAST(:c_seals AS bytea[]))
+             AS u(id, status, posted_amount, reversed_amount, updated_at, seal)
         WHERE transfers.id = u.id AND (SELECT ok FROM complete)
     ), new_entries AS (
-        INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash)
-        SELECT * FROM unnest(CAST(:e_account_ids AS text[]), CAST(:e_sequences AS bigint[]),
-                             CAST(:e_transfer_ids AS text[]), CAST(:e_amounts AS bigint[]),
-                             CAST(:e_balances AS bigint[]), CAST(:e_created_ats AS timestamptz[]),
-                             CAST(:e_hashes AS bytea[]))
+        INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash, key_id)
+        SELECT *, :seal_key FROM unnest(CAST(:e_account_ids AS text[]), CAST(:e_sequences AS bigint[]),
+                                        CAST(:e_transfer_ids AS text[]), CAST(:e_amounts AS bigint[]),
+                                        CAST(:e_balances AS bigint[]), CAST(:e_created_ats AS timestamptz[]),
+                                        CAST(:e_hashes AS bytea[]))
         WHERE (SELECT ok FROM complete)
     ), changed_accounts AS (
         UPDATE accounts
@@ -84,69 +87,27 @@ class IdsClaimed(Exception):
 
 @dataclass
 class Writes:
-    """What one unit of work will write, gathered while deciding."""
+    """What one unit of work will write, gathered while deciding: transfer rows as they
+    will be stored (new ones, and existing ones after their change), journal entries and
+    account states. The transfer rows are sealed when written (`write`)."""
 
-    transfers: list[dict[str, Any]] = field(default_factory=list)
-    changes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    entries: list[tuple[Any, ...]] = field(default_factory=list)
+    transfers: list[TransferRecord] = field(default_factory=list)
+    changes: dict[str, TransferRecord] = field(default_factory=dict)
+    entries: list[EntryPlan] = field(default_factory=list)
+    entry_transfers: list[tuple[str, datetime]] = field(default_factory=list)
     accounts: dict[str, LockedAccount] = field(default_factory=dict)
 
-    def new_transfer(
-        self,
-        request: TransferRequest,
-        *,
-        status: str,
-        code: str | None,
-        currency: str | None,
-        created_at: datetime,
-        expires_at: datetime | None = None,
-        reversal_of: str | None = None,
-        request_hash: bytes | None = None,
-    ) -> None:
-        self.transfers.append(
-            {
-                "id": request.id,
-                "debit_account_id": request.debit_account_id,
-                "credit_account_id": request.credit_account_id,
-                "amount": request.amount,
-                "currency": currency,
-                "pending": request.pending,
-                "status": status,
-                "code": code,
-                "description": request.description,
-                "metadata": json.dumps(request.metadata or {}),
-                "request_hash": request_hash or request.fingerprint(),
-                "created_at": created_at,
-                "timeout_seconds": request.timeout_seconds if request.pending else None,
-                "expires_at": expires_at,
-                "reversal_of": reversal_of,
-            }
-        )
+    def new_transfer(self, record: TransferRecord) -> None:
+        self.transfers.append(record)
 
-    def change_transfer(
-        self, transfer_id: str, *, status: str, posted_amount: int | None, reversed_amount: int, updated_at: datetime
-    ) -> None:
-        self.changes[transfer_id] = {
-            "id": transfer_id,
-            "status": status,
-            "posted_amount": posted_amount,
-            "reversed_amount": reversed_amount,
-            "updated_at": updated_at,
-        }
+    def change_transfer(self, record: TransferRecord) -> None:
+        """`record` is the transfer's row as it will be after the change."""
+        self.changes[record.id] = record
 
     def plan(self, transfer_id: str, plan: TransferPlan) -> None:
         for entry in plan.entries:
-            self.entries.append(
-                (
-                    entry.account_id,
-                    entry.sequence,
-                    transfer_id,
-                    entry.amount,
-                    entry.balance_after,
-                    plan.created_at,
-                    entry.hash,
-                )
-            )
+            self.entries.append(entry)
+            self.entry_transfers.append((transfer_id, plan.created_at))
         for account in plan.accounts:
             self.account(account)
 
@@ -161,35 +122,52 @@ def _columns(rows: list[dict[str, Any]], prefix: str, keys: list[str], names: li
     return {f"{prefix}_{name}": [row[key] for row in rows] for key, name in zip(keys, names, strict=True)}
 
 
-async def write(session: Executor, writes: Writes) -> None:
+def transfer_seal(key: ChainKey, record: TransferRecord) -> bytes:
+    return seal(key, transfer_message(key.id, record))
+
+
+async def write(session: Executor, writes: Writes, key: ChainKey) -> None:
+    """Write everything in one statement; transfer rows are sealed with `key`, the key
+    that also hashed the entries (every entry of a transaction uses the active key)."""
     if not writes:
         return
-    transfer_keys = [
-        "id", "debit_account_id", "credit_account_id", "amount", "currency", "pending", "status", "code",
-        "description", "metadata", "request_hash", "created_at", "timeout_seconds", "expires_at", "reversal_of",
-    ]  # fmt: skip
-    transfer_names = [
-        "ids", "debit_account_ids", "credit_account_ids", "amounts", "currencies", "pendings", "statuses", "codes",
-        "descriptions", "metadata", "request_hashes", "created_ats", "timeouts", "expires_ats", "reversal_ofs",
-    ]  # fmt: skip
+    if any(entry.key_id != key.id for entry in writes.entries):
+        raise AssertionError("entries were hashed with another key than the one writing them")
+    new = writes.transfers
     changes = list(writes.changes.values())
     accounts = list(writes.accounts.values())
     parameters: dict[str, Any] = {
-        "expected": len(writes.transfers),
-        **_columns(writes.transfers, "t", transfer_keys, transfer_names),
-        **_columns(
-            changes,
-            "c",
-            ["id", "status", "posted_amount", "reversed_amount", "updated_at"],
-            ["ids", "statuses", "posted_amounts", "reversed_amounts", "updated_ats"],
-        ),
-        "e_account_ids": [e[0] for e in writes.entries],
-        "e_sequences": [e[1] for e in writes.entries],
-        "e_transfer_ids": [e[2] for e in writes.entries],
-        "e_amounts": [e[3] for e in writes.entries],
-        "e_balances": [e[4] for e in writes.entries],
-        "e_created_ats": [e[5] for e in writes.entries],
-        "e_hashes": [e[6] for e in writes.entries],
+        "expected": len(new),
+        "seal_key": key.id,
+        "t_ids": [t.id for t in new],
+        "t_debit_account_ids": [t.debit_account_id for t in new],
+        "t_credit_account_ids": [t.credit_account_id for t in new],
+        "t_amounts": [t.amount for t in new],
+        "t_currencies": [t.currency for t in new],
+        "t_pendings": [t.pending for t in new],
+        "t_statuses": [t.status for t in new],
+        "t_codes": [t.code for t in new],
+        "t_descriptions": [t.description for t in new],
+        "t_metadata": [json.dumps(t.metadata) for t in new],
+        "t_request_hashes": [t.request_hash for t in new],
+        "t_created_ats": [t.created_at for t in new],
+        "t_timeouts": [t.timeout_seconds for t in new],
+        "t_expires_ats": [t.expires_at for t in new],
+        "t_reversal_ofs": [t.reversal_of for t in new],
+        "t_seals": [transfer_seal(key, t) for t in new],
+        "c_ids": [c.id for c in changes],
+        "c_statuses": [c.status for c in changes],
+        "c_posted_amounts": [c.posted_amount for c in changes],
+        "c_reversed_amounts": [c.reversed_amount for c in changes],
+        "c_updated_ats": [c.updated_at for c in changes],
+        "c_seals": [transfer_seal(key, c) for c in changes],
+        "e_account_ids": [e.account_id for e in writes.entries],
+        "e_sequences": [e.sequence for e in writes.entries],
+        "e_transfer_ids": [transfer_id for transfer_id, _ in writes.entry_transfers],
+        "e_amounts": [e.amount for e in writes.entries],
+        "e_balances": [e.balance_after for e in writes.entries],
+        "e_created_ats": [created_at for _, created_at in writes.entry_transfers],
+        "e_hashes": [e.hash for e in writes.entries],
         "a_ids": [a.id for a in accounts],
         "a_debits_posted": [a.debits_posted for a in accounts],
         "a_credits_posted": [a.credits_posted for a in accounts],
@@ -200,7 +178,7 @@ async def write(session: Executor, writes: Writes) -> None:
         "a_last_entry_ats": [a.last_entry_at for a in accounts],
     }
     inserted = set((await session.execute(WRITE, parameters)).scalar_one())
-    claimed = {row["id"] for row in writes.transfers} - inserted
+    claimed = {t.id for t in new} - inserted
     if claimed:
         raise IdsClaimed(claimed)
 
@@ -213,13 +191,14 @@ async def write(session: Executor, writes: Writes) -> None:
 WRITE_ONE_SQL = """
 WITH new_transfer AS (
     INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status,
-                           description, metadata, request_hash, created_at, updated_at, timeout_seconds, expires_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $11, $12, $13)
+                           description, metadata, request_hash, created_at, updated_at, timeout_seconds, expires_at,
+                           seal, seal_key)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $11, $12, $13, $40, $41)
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 ), new_entries AS (
-    INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash)
-    SELECT e.account_id, e.sequence, $1, e.amount, e.balance_after, $11, e.hash
+    INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash, key_id)
+    SELECT e.account_id, e.sequence, $1, e.amount, e.balance_after, $11, e.hash, $41
     FROM (VALUES ($14::text, $15::bigint, $16::bigint, $17::bigint, $18::bytea),
                  ($19::text, $20::bigint, $21::bigint, $22::bigint, $23::bytea))
          AS e(account_id, sequence, amount, balance_after, hash)
@@ -241,12 +220,12 @@ SELECT count(*) FROM new_transfer
 """
 
 
-def write_one_arguments(request: TransferRequest, plan: TransferPlan, fingerprint: bytes) -> list[Any]:
-    """WRITE_ONE_SQL's parameters, in order."""
+def write_one_arguments(record: TransferRecord, plan: TransferPlan, key: ChainKey) -> list[Any]:
+    """WRITE_ONE_SQL's parameters, in order, for the row `record` decided by `plan`."""
     arguments: list[Any] = [
-        request.id, request.debit_account_id, request.credit_account_id, request.amount, plan.currency,
-        request.pending, plan.status, request.description, json.dumps(request.metadata or {}), fingerprint,
-        plan.created_at, request.timeout_seconds if request.pending else None, plan.expires_at,
+        record.id, record.debit_account_id, record.credit_account_id, record.amount, record.currency,
+        record.pending, record.status, record.description, json.dumps(record.metadata), record.request_hash,
+        record.created_at, record.timeout_seconds, record.expires_at,
     ]  # fmt: skip
     if len(plan.entries) not in (0, 2) or len(plan.accounts) != 2:
         raise AssertionError("a single transfer writes two entries or none, and two accounts")
@@ -261,4 +240,5 @@ def write_one_arguments(request: TransferRequest, plan: TransferPlan, fingerprin
             account.id, account.debits_posted, account.credits_posted, account.pending_debits,
             account.pending_credits, account.entries_count, account.last_entry_hash, account.last_entry_at,
         ]  # fmt: skip
+    arguments += [transfer_seal(key, record), key.id]
     return arguments

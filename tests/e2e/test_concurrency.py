@@ -127,7 +127,7 @@ async def _decision_race(client: httpx.AsyncClient, transfer_id: str) -> list[ht
     requests = []
     for i in range(30):
         if i % 3 == 0:
-            requests.append(client.post(f"/v1/transfers/{transfer_id}/void"))
+            requests.append(client.post(f"/v1/transfers/{transfer_id}/void", json={}))
         else:
             requests.append(client.post(f"/v1/transfers/{transfer_id}/post", json={"amount": 40 + i % 2 * 10}))
     return list(await asyncio.gather(*requests))

@@ -38,9 +38,9 @@ async def test_batch_two_phase_and_reversal_codes_end_to_end(server_url: str, ui
         ).status_code == 201
         over = await client.post(f"/v1/transfers/hold-{uid}/post", json={"amount": 51})
         assert (over.status_code, over.json()["code"]) == (422, "exceeds_pending_amount")
-        not_pending = await client.post(f"/v1/transfers/fund-{uid}/void")
+        not_pending = await client.post(f"/v1/transfers/fund-{uid}/void", json={})
         assert (not_pending.status_code, not_pending.json()["code"]) == (409, "transfer_not_pending")
-        assert (await client.post(f"/v1/transfers/hold-{uid}/post")).json()["posted_amount"] == 50
+        assert (await client.post(f"/v1/transfers/hold-{uid}/post", json={})).json()["posted_amount"] == 50
 
         refund = await client.post(f"/v1/transfers/hold-{uid}/reverse", json={"id": f"refund-{uid}", "amount": 20})
         assert refund.status_code == 201 and refund.json()["reversal_of"] == f"hold-{uid}"

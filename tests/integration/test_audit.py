@@ -22,34 +22,41 @@ from ledger.database import create_engine
 from ledger.http.app import create_app
 from ledger.settings import Settings
 from tests import provision
-from tests.conftest import REPOSITORY
+from tests.conftest import REPOSITORY, authorized
 from tests.integration.helpers import open_account, transfer
 
 
 @pytest.fixture(scope="module")
-def audit_database(postgres_server_url: str) -> Iterator[str]:
+def audit_database(postgres_server_url: str, service_login: tuple[str, str]) -> Iterator[provision.LedgerDatabase]:
     """A database of its own: these tests corrupt it on purpose."""
-    with provision.migrated_database(postgres_server_url, "ledger_audit") as url:
-        yield url
+    with provision.migrated_database(postgres_server_url, "ledger_audit", service_login) as database:
+        yield database
 
 
 @pytest.fixture(scope="module")
-async def audit_client(audit_database: str) -> AsyncIterator[AsyncTestClient]:
-    async with AsyncTestClient(create_app(Settings(database_url=audit_database))) as client:
-        yield client
+async def audit_client(audit_database: provision.LedgerDatabase) -> AsyncIterator[AsyncTestClient]:
+    # No checkpoints here: these tests are about what the keyed chain and the seals catch
+    # by themselves (tests/integration/test_tamper_evidence.py covers checkpoints).
+    settings = provision.settings_for(audit_database.service_url, checkpoint_interval_seconds=0)
+    async with AsyncTestClient(create_app(settings)) as client:
+        yield authorized(client)
 
 
 @pytest.fixture(scope="module")
-async def audit_engine(audit_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(Settings(database_url=audit_database))
+async def audit_engine(audit_database: provision.LedgerDatabase) -> AsyncIterator[AsyncEngine]:
+    """The database's owner: it may do what the service's role cannot."""
+    engine = create_engine(Settings(database_url=audit_database.owner_url))
     yield engine
     await engine.dispose()
 
 
-def cli_verify(database_url: str, *arguments: str) -> tuple[int, dict, str]:
+def cli_verify(database: provision.LedgerDatabase, *arguments: str) -> tuple[int, dict, str]:
     result = subprocess.run(
         [sys.executable, "-m", "ledger", "audit", "verify", *arguments],
-        env={**os.environ, "LEDGER_DATABASE_URL": database_url},
+        env={
+            **os.environ,
+            **provision.server_environment(database, provision.DATA_DIR / "cli-no-checkpoints"),
+        },
         capture_output=True,
         text=True,
         cwd=REPOSITORY,
@@ -74,7 +81,7 @@ async def build_history(client: AsyncTestClient, prefix: str) -> list[str]:
 
 
 async def test_a_sound_ledger_verifies_and_its_trial_balance_is_zero(
-    audit_client: AsyncTestClient, audit_database: str
+    audit_client: AsyncTestClient, audit_database: provision.LedgerDatabase
 ) -> None:
     await build_history(audit_client, "sound")
     report = (await audit_client.post("/v1/audit/verify", json={})).json()
@@ -113,7 +120,7 @@ TAMPERING = {
 
 
 async def test_tampering_behind_the_services_back_is_caught_by_endpoint_and_cli(
-    audit_client: AsyncTestClient, audit_engine: AsyncEngine, audit_database: str
+    audit_client: AsyncTestClient, audit_engine: AsyncEngine, audit_database: provision.LedgerDatabase
 ) -> None:
     victims = {}
     for kind in TAMPERING:
@@ -133,18 +140,29 @@ async def test_tampering_behind_the_services_back_is_caught_by_endpoint_and_cli(
         assert not report["ok"] and expected <= codes, (kind, report["problems"])
         assert all(problem["account_id"] == victims[kind] for problem in report["problems"])
 
-    whole = (await audit_client.post("/v1/audit/verify")).json()
-    assert not whole["ok"] and {p["account_id"] for p in whole["problems"]} == set(victims.values())
+    # The whole ledger: the journal problems are the victims'; a transfer whose entries no
+    # longer match it is reported too (under its debit account), and only those.
+    whole = (await audit_client.post("/v1/audit/verify", json={})).json()
+    assert not whole["ok"] and {p["account_id"] for p in whole["problems"] if "transfer_id" not in p} == set(
+        victims.values()
+    )
+    assert all(
+        p["transfer_id"].startswith(("tamper-amount", "tamper-deleted"))
+        for p in whole["problems"]
+        if "transfer_id" in p
+    )
     code, cli_report, _ = cli_verify(audit_database)
-    assert code == 1 and {p["account_id"] for p in cli_report["problems"]} == set(victims.values())
+    assert code == 1 and cli_report["problems_total"] == whole["problems_total"]
     code, cli_report, _ = cli_verify(audit_database, "--account", victims["forged"])
     assert code == 1 and [p["code"] for p in cli_report["problems"]] == ["balance_mismatch"]
 
 
-async def test_the_trial_balance_is_zero_while_transfers_are_posted(server_url: str, uid: str) -> None:
+async def test_the_trial_balance_is_zero_while_transfers_are_posted(
+    server_url: str, api_headers: dict[str, str], uid: str
+) -> None:
     """16 clients move money while another reads the trial balance 40 times: every read,
     from its one snapshot, has debits equal to credits in every currency."""
-    async with httpx.AsyncClient(base_url=server_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server_url, timeout=30, headers=api_headers) as client:
         await client.post(
             "/v1/accounts", json={"id": f"tb-bank-{uid}", "currency": "EUR", "allow_negative_balance": True}
         )

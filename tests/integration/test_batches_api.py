@@ -12,6 +12,7 @@ from ledger.domain import BatchItem, TransferRequest
 from ledger.service.batches import MAX_ATTEMPTS, BatchService
 from ledger.service.unit_of_work import UnitOfWork
 from ledger.settings import Settings
+from tests import provision
 from tests.integration.helpers import assert_problem, open_account
 
 SUBTRANSACTION_CACHE = 64  # PGPROC_MAX_CACHED_SUBXIDS
@@ -126,7 +127,7 @@ async def test_a_1000_item_batch_of_chains_stays_within_the_subtransaction_cache
         )
         items.append(BatchItem(request, linked=leg_number != 3))
 
-    service = BatchService(UnitOfWork(create_session_factory(engine), settings))
+    service = BatchService(UnitOfWork(create_session_factory(engine), settings), provision.KEYRING.active)
     async with create_session_factory(engine)() as session:
         results = await service.apply(session, items)
         count, overflowed = await _subtransactions(session)

@@ -19,15 +19,16 @@ from ledger.service import transfers as transfer_module
 from ledger.service.transfers import TransferService
 from ledger.service.unit_of_work import UnitOfWork
 from ledger.settings import Settings
-from tests.conftest import free_port
+from tests import provision
+from tests.conftest import authorized, free_port
 from tests.integration.helpers import assert_problem, open_account, transfer
 
 
 async def test_an_unreachable_database_is_a_503_with_retry_after(uid: str) -> None:
     """Nothing listens on the database port: writes and reads answer 503 `unavailable`
     with Retry-After; liveness stays 200 and readiness says 503."""
-    settings = Settings(database_url=f"postgresql://nobody@127.0.0.1:{free_port()}/none", pool_timeout_seconds=2)
-    async with AsyncTestClient(create_app(settings)) as client:
+    settings = provision.settings_for(f"postgresql://nobody@127.0.0.1:{free_port()}/none", pool_timeout_seconds=2)
+    async with authorized(AsyncTestClient(create_app(settings))) as client:
         response = await transfer(client, f"t-{uid}", "a", "b", 1)
         assert_problem(response, 503, "unavailable")
         assert response.headers["retry-after"] == "1"
@@ -37,13 +38,13 @@ async def test_an_unreachable_database_is_a_503_with_retry_after(uid: str) -> No
 
 
 async def test_a_stuck_lock_fails_fast_as_lock_timeout_and_spares_other_accounts(
-    database_url: str, engine: AsyncEngine, uid: str
+    service_database_url: str, engine: AsyncEngine, uid: str
 ) -> None:
     """A transaction outside the service holds an account row: a transfer touching it gets
     503 `lock_timeout` after lock_timeout (300 ms here), one not touching it succeeds, and
     a retry with the same id applies once the lock is gone."""
-    settings = Settings(database_url=database_url, lock_timeout_ms=300)
-    async with AsyncTestClient(create_app(settings)) as client:
+    settings = provision.settings_for(service_database_url, lock_timeout_ms=300)
+    async with authorized(AsyncTestClient(create_app(settings))) as client:
         await open_account(client, f"bank-{uid}", negative=True)
         await open_account(client, f"held-{uid}")
         await open_account(client, f"free-{uid}")
@@ -70,9 +71,9 @@ async def test_the_database_refuses_an_overdraft_the_code_let_through(
     await open_account(client, f"bank-{uid}", negative=True)
     await open_account(client, f"poor-{uid}")
 
-    def lenient(request, accounts, now):  # type: ignore[no-untyped-def]
+    def lenient(request, accounts, now, key):  # type: ignore[no-untyped-def]
         accounts = {key: dataclasses.replace(value, allow_negative_balance=True) for key, value in accounts.items()}
-        return domain.decide_transfer(request, accounts, now)
+        return domain.decide_transfer(request, accounts, now, key)
 
     monkeypatch.setattr(transfer_module, "decide_transfer", lenient)
     response = await transfer(client, f"over-{uid}", f"poor-{uid}", f"bank-{uid}", 50)
@@ -93,7 +94,7 @@ async def test_losing_the_race_for_an_id_rolls_back_to_the_savepoint_and_replays
     would block this test's event loop while the request waits.)"""
     await open_account(client, f"bank-{uid}", negative=True)
     await open_account(client, f"gina-{uid}")
-    service = TransferService(UnitOfWork(create_session_factory(engine), settings))
+    service = TransferService(UnitOfWork(create_session_factory(engine), settings), provision.KEYRING.active)
     request = TransferRequest(
         id=f"race-{uid}", debit_account_id=f"bank-{uid}", credit_account_id=f"gina-{uid}", amount=9
     )

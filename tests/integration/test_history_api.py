@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import hashlib
+import hmac
+from datetime import UTC, datetime
 
 from litestar.testing import AsyncTestClient
 
-from ledger.domain import entry_hash
+from tests import provision
 from tests.integration.helpers import assert_problem, open_account, transfer
+
+
+def documented_hash(
+    key_id: str,
+    previous: bytes | None,
+    account: str,
+    sequence: int,
+    transfer_id: str,
+    amount: int,
+    balance: int,
+    at: str,
+) -> bytes:
+    """The README's canonical form of an entry, written out again here independently of
+    the service's code: HMAC-SHA256 under the chain key the entry names."""
+    moment = datetime.fromisoformat(at) - datetime(1970, 1, 1, tzinfo=UTC)
+    microseconds = (moment.days * 86_400 + moment.seconds) * 1_000_000 + moment.microseconds
+    fields = ["ledger-entry-v2", key_id, account, sequence, transfer_id, amount, balance, microseconds]
+    message = "|".join(map(str, fields)) + "|" + (previous.hex() if previous else "")
+    key = provision.KEYRING.get(key_id)
+    assert key is not None, f"unknown chain key {key_id!r}"
+    return hmac.new(key.secret, message.encode(), hashlib.sha256).digest()
 
 
 async def test_the_journal_pages_gap_free_with_running_balances_and_a_hash_chain(
     client: AsyncTestClient, uid: str
 ) -> None:
     """Seven transfers in and out, read 3 per page: sequences 1..7, each balance_after is
-    the running sum, and each hash recomputes from the documented canonical form and the
-    previous entry's hash."""
+    the running sum, and each hash recomputes from the documented canonical form, the chain
+    key and the previous entry's hash."""
     await open_account(client, f"bank-{uid}", negative=True)
     await open_account(client, f"dave-{uid}")
     amounts = [500, -100, 200, -50, 25, -575, 1]
@@ -38,10 +61,11 @@ async def test_the_journal_pages_gap_free_with_running_balances_and_a_hash_chain
     for entry in entries:
         running += entry["amount"]
         assert entry["balance_after"] == running
-        created_at = datetime.fromisoformat(entry["created_at"])
-        expected = entry_hash(
-            previous, f"dave-{uid}", entry["sequence"], entry["transfer_id"], entry["amount"], running, created_at
-        )
+        assert entry["key_id"] == provision.KEYRING.active.id
+        expected = documented_hash(
+            entry["key_id"], previous, f"dave-{uid}", entry["sequence"], entry["transfer_id"], entry["amount"],
+            running, entry["created_at"],
+        )  # fmt: skip
         assert entry["hash"] == expected.hex()
         previous = expected
     assert (await client.get(f"/v1/accounts/dave-{uid}")).json()["balance"]["posted"] == running == 1
@@ -113,14 +137,14 @@ async def test_the_csv_statement_streams_every_page_from_one_snapshot(client: As
     response = await client.get(f"/v1/accounts/{long}/entries", headers={"Accept": "text/csv"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
     lines = response.text.strip().split("\r\n")
-    assert lines[0] == "account_id,sequence,transfer_id,amount,balance_after,created_at,hash"
+    assert lines[0] == "account_id,sequence,transfer_id,amount,balance_after,created_at,hash,key_id"
     rows = [line.split(",") for line in lines[1:]]
     assert [int(row[1]) for row in rows] == list(range(1, 4501))
     running, previous = 0, None
     for row in rows:
         running += int(row[3])
         assert int(row[4]) == running
-        expected = entry_hash(previous, long, int(row[1]), row[2], int(row[3]), running, datetime.fromisoformat(row[5]))
+        expected = documented_hash(row[7], previous, long, int(row[1]), row[2], int(row[3]), running, row[5])
         assert row[6] == expected.hex()
         previous = expected
 

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.http.app import create_app
 from ledger.settings import Settings
+from tests import provision
 from tests.broken_locking import lock_in_request_order, read_without_for_update
 from tests.scenario import find_violations, run_bank_scenario
 from tests.servers import serving
@@ -20,24 +21,28 @@ pytestmark = pytest.mark.slow
 TRANSFERS = 64
 
 
-def _settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, pool_size=30, max_overflow=10)
+def _settings(service_database_url: str) -> Settings:
+    return provision.settings_for(service_database_url, pool_size=30, max_overflow=10)
 
 
-async def test_locking_accounts_in_request_order_deadlocks(database_url: str, engine: AsyncEngine, uid: str) -> None:
+async def test_locking_accounts_in_request_order_deadlocks(
+    service_database_url: str, engine: AsyncEngine, uid: str
+) -> None:
     """Locks taken one by one in request order (debit, then credit): opposite transfers
     deadlock, and the scenario's check of pg_stat_database.deadlocks reports it."""
-    app = create_app(_settings(database_url), locker=lock_in_request_order)
+    app = create_app(_settings(service_database_url), locker=lock_in_request_order)
     async with serving(app) as base_url:
         report = await run_bank_scenario(base_url, engine, prefix=f"unordered-{uid}", clients=64, transfers=TRANSFERS)
     violations = await find_violations(report, engine)
     assert any("deadlocks went from" in v for v in violations), violations
 
 
-async def test_reading_accounts_without_for_update_is_caught(database_url: str, engine: AsyncEngine, uid: str) -> None:
+async def test_reading_accounts_without_for_update_is_caught(
+    service_database_url: str, engine: AsyncEngine, uid: str
+) -> None:
     """Without FOR UPDATE two transfers decide on the same stale balance and sequence:
     the scenario sees server errors or corrupted journals and balances."""
-    app = create_app(_settings(database_url), locker=read_without_for_update)
+    app = create_app(_settings(service_database_url), locker=read_without_for_update)
     async with serving(app) as base_url:
         report = await run_bank_scenario(base_url, engine, prefix=f"nolock-{uid}", clients=64, transfers=TRANSFERS)
     violations = await find_violations(report, engine)

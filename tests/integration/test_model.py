@@ -26,9 +26,12 @@ from hypothesis.stateful import (
 )
 from litestar.testing import TestClient
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.database import create_engine
 from ledger.http.app import create_app
 from ledger.settings import Settings
+from tests import provision
 
 CURRENCIES = ("EUR", "USD")
 
@@ -60,16 +63,25 @@ class ModelTransfer:
 
 
 @pytest.fixture(scope="module")
-def model_client(database_url: str) -> Iterator[TestClient]:
+def model_client(service_database_url: str, database_url: str) -> Iterator[TestClient]:
     # The sweeper is off so that expiry happens exactly when the model says (the
-    # `expire` rule moves a reservation's expiry into the past; reads and decisions then
-    # apply it lazily).
-    with TestClient(create_app(Settings(database_url=database_url, expiry_sweep_interval_seconds=0))) as client:
+    # `expire` rule moves a reservation's expiry into the past, as the database's owner:
+    # the service's role may not; reads and decisions then apply it lazily).
+    settings = provision.settings_for(service_database_url, expiry_sweep_interval_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        client.headers.update(provision.API_HEADERS)
+        LedgerMachine.owner_engine = client.blocking_portal.call(_owner_engine, database_url)
         yield client
+        client.blocking_portal.call(LedgerMachine.owner_engine.dispose)
+
+
+async def _owner_engine(database_url: str) -> AsyncEngine:
+    return create_engine(Settings(database_url=database_url))
 
 
 class LedgerMachine(RuleBasedStateMachine):
     client: TestClient
+    owner_engine: AsyncEngine
 
     def __init__(self) -> None:
         super().__init__()
@@ -218,7 +230,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.release(t)
                 t.status = "voided"
             expected = (200, None)
-        response = self.client.post(f"/v1/transfers/{transfer_id}/void")
+        response = self.client.post(f"/v1/transfers/{transfer_id}/void", json={})
         assert (response.status_code, response.json().get("code")) == expected, response.text
 
     @precondition(lambda self: any(t.status == "pending" for t in self.transfers.values()))
@@ -228,7 +240,7 @@ class LedgerMachine(RuleBasedStateMachine):
         transfer_id = data.draw(st.sampled_from(sorted(i for i, t in self.transfers.items() if t.status == "pending")))
 
         async def backdate() -> None:
-            async with self.client.app.state.engine.begin() as connection:
+            async with self.owner_engine.begin() as connection:
                 await connection.execute(
                     text(
                         "UPDATE transfers SET expires_at = clock_timestamp() - interval '1 second', timeout_seconds = 1 WHERE id = :id"

@@ -19,6 +19,7 @@ from ledger.domain import TransferRequest
 from ledger.service.transfers import TransferService
 from ledger.service.unit_of_work import UnitOfWork
 from ledger.settings import Settings
+from tests import provision
 
 
 class CountingDriver:
@@ -61,7 +62,9 @@ async def test_a_new_transfer_costs_four_round_trips(settings: Settings, engine:
     counts: Counter[str] = Counter()
     # Statements that go through SQLAlchemy (the general path) are counted separately.
     event.listen(service_engine.sync_engine, "before_cursor_execute", lambda *args: counts.update(["sqlalchemy"]))
-    service = TransferService(CountingUnitOfWork(service_engine.connect, settings, counts=counts))
+    service = TransferService(
+        CountingUnitOfWork(service_engine.connect, settings, counts=counts), provision.KEYRING.active
+    )
     try:
 
         async def create(transfer_id: str, amount: int, debit: str = "a", credit: str = "b") -> Counter[str]:

@@ -11,7 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.http.app import create_app
-from ledger.settings import Settings
+from tests import provision
+from tests.conftest import authorized
 from tests.integration.helpers import assert_problem, open_account, transfer
 
 
@@ -66,7 +67,7 @@ async def test_a_reservation_holds_funds_and_posting_part_of_it_releases_the_res
         409,
         "pending_transfer_already_posted",
     )
-    assert_problem(await client.post(f"/v1/transfers/auth-{uid}/void"), 409, "pending_transfer_already_posted")
+    assert_problem(await client.post(f"/v1/transfers/auth-{uid}/void", json={}), 409, "pending_transfer_already_posted")
     # The creation replays with its original answer: status pending, as first returned.
     replay = await transfer(client, f"auth-{uid}", payer, shop, 300, pending=True, timeout_seconds=3600)
     assert replay.headers["idempotent-replayed"] == "true" and replay.json()["status"] == "pending"
@@ -75,10 +76,10 @@ async def test_a_reservation_holds_funds_and_posting_part_of_it_releases_the_res
 async def test_void_releases_the_reservation_once(client: AsyncTestClient, uid: str) -> None:
     _, payer, shop = await setup(client, uid)
     await transfer(client, f"auth-{uid}", payer, shop, 400, pending=True)
-    voided = await client.post(f"/v1/transfers/auth-{uid}/void")
+    voided = await client.post(f"/v1/transfers/auth-{uid}/void", json={})
     assert voided.status_code == 200 and voided.json()["status"] == "voided"
     assert (await client.post(f"/v1/transfers/auth-{uid}/void", json={})).json() == voided.json()
-    assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post"), 409, "pending_transfer_already_voided")
+    assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post", json={}), 409, "pending_transfer_already_voided")
     assert await balance(client, payer) == {
         "posted": 1000,
         "pending_debits": 0,
@@ -91,24 +92,24 @@ async def test_void_releases_the_reservation_once(client: AsyncTestClient, uid: 
 async def test_decisions_on_what_is_not_pending(client: AsyncTestClient, uid: str) -> None:
     _, payer, shop = await setup(client, uid)
     await transfer(client, f"plain-{uid}", payer, shop, 5)
-    assert_problem(await client.post(f"/v1/transfers/plain-{uid}/post"), 409, "transfer_not_pending")
-    assert_problem(await client.post(f"/v1/transfers/plain-{uid}/void"), 409, "transfer_not_pending")
-    assert_problem(await client.post(f"/v1/transfers/ghost-{uid}/post"), 404, "transfer_not_found")
+    assert_problem(await client.post(f"/v1/transfers/plain-{uid}/post", json={}), 409, "transfer_not_pending")
+    assert_problem(await client.post(f"/v1/transfers/plain-{uid}/void", json={}), 409, "transfer_not_pending")
+    assert_problem(await client.post(f"/v1/transfers/ghost-{uid}/post", json={}), 404, "transfer_not_found")
     refused = await transfer(client, f"big-{uid}", payer, shop, 10_000, pending=True)
     assert_problem(refused, 422, "insufficient_funds")
-    assert_problem(await client.post(f"/v1/transfers/big-{uid}/post"), 409, "transfer_not_pending")
+    assert_problem(await client.post(f"/v1/transfers/big-{uid}/post", json={}), 409, "transfer_not_pending")
     assert_problem(await client.post(f"/v1/transfers/plain-{uid}/post", json={"amount": 0}), 400, "validation_error")
 
 
 async def test_an_expired_reservation_reads_as_expired_and_frees_its_funds_lazily(
-    database_url: str, engine: AsyncEngine, uid: str
+    service_database_url: str, engine: AsyncEngine, uid: str
 ) -> None:
     """After expires_at, before anything released it: reads show `expired` and the funds
     available. (The test holds the transfer's row, which every sweeper in the session
     skips.) Then a post is refused with pending_transfer_expired, and that decision
     stores the expiry: the reservation is released in the database."""
-    settings = Settings(database_url=database_url, expiry_sweep_interval_seconds=0)
-    async with AsyncTestClient(create_app(settings)) as client:
+    settings = provision.settings_for(service_database_url, expiry_sweep_interval_seconds=0)
+    async with authorized(AsyncTestClient(create_app(settings))) as client:
         _, payer, shop = await setup(client, uid)
         await transfer(client, f"auth-{uid}", payer, shop, 600, pending=True, timeout_seconds=1)
         assert (await balance(client, payer))["available"] == 400
@@ -133,7 +134,7 @@ async def test_an_expired_reservation_reads_as_expired_and_frees_its_funds_lazil
             ).scalar()
             assert stored == "pending", "nothing has released it yet"
             await transaction.rollback()
-        assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post"), 409, "pending_transfer_expired")
+        assert_problem(await client.post(f"/v1/transfers/auth-{uid}/post", json={}), 409, "pending_transfer_expired")
         async with engine.connect() as connection:
             row = (
                 await connection.execute(
@@ -149,10 +150,10 @@ async def test_an_expired_reservation_reads_as_expired_and_frees_its_funds_lazil
 
 
 async def test_the_sweeper_releases_due_reservations_on_its_own(
-    database_url: str, engine: AsyncEngine, uid: str
+    service_database_url: str, engine: AsyncEngine, uid: str
 ) -> None:
-    settings = Settings(database_url=database_url, expiry_sweep_interval_seconds=0.2)
-    async with AsyncTestClient(create_app(settings)) as client:
+    settings = provision.settings_for(service_database_url, expiry_sweep_interval_seconds=0.2)
+    async with authorized(AsyncTestClient(create_app(settings))) as client:
         _, payer, shop = await setup(client, uid)
         await transfer(client, f"auth-{uid}", payer, shop, 250, pending=True, timeout_seconds=1)
         query = text(
