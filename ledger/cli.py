@@ -331,8 +331,9 @@ def audit_rotate(settings: Settings) -> int:
 
 
 def audit_reseal(settings: Settings) -> int:
-    """Seal rows written before seals existed (or sealed with a revoked key) with the
-    active key, then checkpoint: trust on first use, after verifying them otherwise."""
+    """Seal every row not sealed with the active key (rows from before seals existed, or
+    last changed under an older key) with it, then checkpoint: run `ledger audit verify`
+    first, since this trusts the rows as they are."""
     from ledger.service import reseal
 
     keyring = _keyring(settings, create=False)
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     audit_commands.add_parser("checkpoint", help="write a signed checkpoint of every account's head now")
     audit_commands.add_parser("rotate-chain-key", help="put a new chain key first in the key file")
     audit_commands.add_parser(
-        "reseal", help="seal rows that have no seal (or a revoked key's) and checkpoint, as the owner role"
+        "reseal", help="seal every row with the active chain key, then checkpoint (as the owner role)"
     )
     arguments = parser.parse_args(argv)
 

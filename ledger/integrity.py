@@ -114,8 +114,9 @@ def parse_keyring(text: str) -> Keyring:
     """`id:secret` items (secret in base64url, 32 bytes), newest first, separated by
     newlines or commas, each optionally followed by `:revoked`; `#` starts a comment."""
     keys = []
-    for raw_line in text.replace(",", "\n").splitlines():
-        line = raw_line.split("#", 1)[0].strip()
+    items = [item for line in text.splitlines() for item in line.split("#", 1)[0].split(",")]
+    for item in items:
+        line = item.strip()
         if not line:
             continue
         key_id, separator, rest = line.partition(":")

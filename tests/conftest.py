@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -113,49 +114,62 @@ def server_url(server: tuple[str, Path]) -> str:
     return server[0]
 
 
-@pytest.fixture(scope="session")
-def server(
-    ledger_database: provision.LedgerDatabase, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def serving_process(
+    directory: Path, environment: dict[str, str], *arguments: str, check_errors: bool = True
 ) -> Iterator[tuple[str, Path]]:
-    """A real `ledger serve` process over HTTP, on the session's database: (URL, log file)."""
+    """A real `ledger serve` process with these LEDGER_* variables, ready: (URL, log file).
+    On exit it is stopped with SIGTERM (it must stop within 20 s) and, with
+    `check_errors`, its log must hold no error."""
     port = free_port()
-    directory = tmp_path_factory.mktemp("server")
+    directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / "server.log"
-    environment = {
-        **os.environ,
-        **provision.server_environment(ledger_database, directory / "data"),
-        "LEDGER_POOL_SIZE": "30",
-        "LEDGER_MAX_OVERFLOW": "10",
-        "LEDGER_LOG_LEVEL": "info",
-    }
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ledger", "serve", "--port", str(port)],
-            env=environment,
+            [sys.executable, "-m", "ledger", "serve", "--port", str(port), *arguments],
+            env={**os.environ, **environment},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPOSITORY,
         )
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"ledger serve exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"ledger serve did not become ready:\n{log_path.read_text()}")
-        time.sleep(0.2)
-    yield base_url, log_path
-    process.terminate()
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail("ledger serve did not stop within 20 s of SIGTERM")
-    output = log_path.read_text()
-    assert '"level":"error"' not in output, f"the server logged an error:\n{output[-5000:]}"
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ledger serve exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{base_url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"ledger serve did not become ready:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield base_url, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("ledger serve did not stop within 20 s of SIGTERM")
+    if check_errors:
+        output = log_path.read_text()
+        assert '"level":"error"' not in output, f"the server logged an error:\n{output[-5000:]}"
+
+
+@pytest.fixture(scope="session")
+def server(
+    ledger_database: provision.LedgerDatabase, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """A real `ledger serve` process over HTTP, on the session's database: (URL, log file)."""
+    directory = tmp_path_factory.mktemp("server")
+    environment = {
+        **provision.server_environment(ledger_database, directory / "data"),
+        "LEDGER_POOL_SIZE": "30",
+        "LEDGER_MAX_OVERFLOW": "10",
+        "LEDGER_LOG_LEVEL": "info",
+    }
+    with serving_process(directory, environment) as running:
+        yield running

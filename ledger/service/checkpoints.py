@@ -44,7 +44,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ledger.integrity import ChainKey, Keyring
+from ledger.integrity import LEGACY_KEY_ID, ChainKey, Keyring
 
 logger = logging.getLogger("ledger.checkpoints")
 
@@ -63,6 +63,17 @@ TRANSFER_COUNTS = text(
     SELECT count(*) AS total,
            count(*) FILTER (WHERE status IN ('voided', 'expired') AND updated_at <= :cutoff) AS settled
     FROM transfers WHERE created_at <= :cutoff
+    """
+)
+# Entries a new checkpoint would pin that no live key vouches for (the legacy chain, a
+# revoked key): a checkpoint must never make them look trusted.
+UNVOUCHED = text(
+    """
+    SELECT p.id, e.sequence, e.key_id
+    FROM unnest(CAST(:ids AS text[]), CAST(:after AS bigint[])) AS p(id, after)
+    JOIN entries e ON e.account_id = p.id AND e.sequence > p.after
+    WHERE e.key_id <> ALL(CAST(:live AS text[]))
+    LIMIT 10
     """
 )
 HEADS_NOW = text(
@@ -220,10 +231,10 @@ async def take(engine: AsyncEngine, keyring: Keyring, directory: Path, keep: int
             for row in (await connection.execute(HEADS)).all()
         }
         total, settled = await transfer_counts(connection, cutoff)
-        if previous is not None:
-            problems = await differences(connection, previous)
-            if problems:
-                raise TamperDetected(problems)
+        problems = await differences(connection, previous) if previous is not None else []
+        problems += await _unvouched(connection, keyring, heads, previous)
+        if problems:
+            raise TamperDetected(problems)
         await connection.rollback()
     if previous is not None and heads == previous.heads and (total, settled) == (previous.transfers, previous.settled):
         return None
@@ -234,6 +245,27 @@ async def take(engine: AsyncEngine, keyring: Keyring, directory: Path, keep: int
     for old in paths(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return replace(checkpoint, path=path)
+
+
+async def _unvouched(
+    connection: AsyncConnection,
+    keyring: Keyring,
+    heads: dict[str, tuple[int, bytes | None]],
+    previous: Checkpoint | None,
+) -> list[str]:
+    """Entries since the previous checkpoint under no live key. Without a previous one,
+    the unkeyed entries of a ledger upgraded from before chain keys are pinned as they
+    are (trust on first use): the first checkpoint is what vouches for them from then on."""
+    pinned = previous.heads if previous is not None else {}
+    grown = {
+        key: pinned.get(key, (0, None))[0] for key, (count, _) in heads.items() if count > pinned.get(key, (0, None))[0]
+    }
+    if not grown:
+        return []
+    live = [key.id for key in keyring.keys if not key.revoked] + ([LEGACY_KEY_ID] if previous is None else [])
+    params = {"ids": list(grown), "after": list(grown.values()), "live": live}
+    rows = (await connection.execute(UNVOUCHED, params)).all()
+    return [f"account {row.id!r}: entry {row.sequence} is under key {row.key_id!r}, which may not sign" for row in rows]
 
 
 def _write(directory: Path, checkpoint: Checkpoint) -> Path:

@@ -21,6 +21,7 @@ stops working within `CACHE_SECONDS` in every process.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -28,6 +29,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -189,11 +191,13 @@ async def bootstrap_admin_key(engine: AsyncEngine, chain: ChainKey, path: Path) 
 class KeyRing:
     """Answers "who is this key?" for every request.
 
-    Known key hashes are cached per process. An unknown key triggers a reload at once
-    (at most every `MISS_RELOAD_SECONDS`, so a flood of bad keys cannot flood the
-    database), so a key created a moment ago works on its first use; the cache is also
-    reloaded every `CACHE_SECONDS`, so a revoked key stops working within that time.
-    Rows whose seal does not verify under the chain keys are ignored (and logged once).
+    Known key hashes are cached per process and reloaded every `CACHE_SECONDS`, so a
+    revoked key stops working within that time in every process. An unknown key causes a
+    reload too, so a key created a moment ago (by another process) works on its first use;
+    those reloads happen at most every `MISS_RELOAD_SECONDS` and are shared by the requests
+    waiting for them, so a flood of bad keys costs the database at most ten small queries
+    a second. Rows whose seal does not verify under the chain keys are ignored (and logged
+    once).
     """
 
     MISS_RELOAD_SECONDS = 0.1
@@ -205,31 +209,40 @@ class KeyRing:
         self.disabled = disabled
         self._principals: dict[bytes, Principal] = {}
         self._loaded_at = float("-inf")
+        self._reloading = asyncio.Lock()
         self._reported: set[str] = set()
 
-    async def _load(self) -> None:
-        async with self._engine.connect() as connection:
-            rows = (await connection.execute(ACTIVE_KEYS)).all()
-        principals = {}
-        for row in rows:
-            fields = SimpleNamespace(id=row.id, role=row.role, key_hash=bytes(row.key_hash))
-            if seal_is_valid(
-                self._keyring, row.seal_key, row.seal, lambda key_id, f=fields: api_key_message(key_id, f)
-            ):
-                principals[fields.key_hash] = Principal(row.id, row.role)
-            elif row.id not in self._reported:
-                self._reported.add(row.id)
-                logger.error("API key %s is not sealed by this ledger's chain key: ignored (tampering?)", row.id)
-        self._principals = principals
-        self._loaded_at = time.monotonic()
+    async def _reload(self, unless_since: float) -> None:
+        """Reload, unless another request did so after `unless_since` (it saw what this
+        one would)."""
+        async with self._reloading:
+            if self._loaded_at > unless_since:
+                return
+            async with self._engine.connect() as connection:
+                rows = (await connection.execute(ACTIVE_KEYS)).all()
+            principals = {}
+            for row in rows:
+                fields = SimpleNamespace(id=row.id, role=row.role, key_hash=bytes(row.key_hash))
+                if seal_is_valid(self._keyring, row.seal_key, row.seal, partial(api_key_message, api_key=fields)):
+                    principals[fields.key_hash] = Principal(row.id, row.role)
+                elif row.id not in self._reported:
+                    self._reported.add(row.id)
+                    logger.error("API key %s is not sealed by this ledger's chain key: ignored (tampering?)", row.id)
+            self._principals = principals
+            self._loaded_at = time.monotonic()
 
     async def principal_of(self, key: str) -> Principal | None:
         digest = hash_key(key)
         if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
             return Principal(ENVIRONMENT_ADMIN, "admin")
-        age = time.monotonic() - self._loaded_at
         # The lookup is by the key's SHA-256, never by the key: how long it takes says
         # nothing about any stored key's value.
-        if age >= CACHE_SECONDS or (digest not in self._principals and age >= self.MISS_RELOAD_SECONDS):
-            await self._load()
+        arrived = time.monotonic()
+        age = arrived - self._loaded_at
+        if age >= CACHE_SECONDS:
+            await self._reload(arrived - CACHE_SECONDS)
+        elif digest not in self._principals:
+            if age < self.MISS_RELOAD_SECONDS:
+                await asyncio.sleep(self.MISS_RELOAD_SECONDS - age)
+            await self._reload(arrived)
         return self._principals.get(digest)

@@ -1,8 +1,11 @@
-"""Sealing rows that have no seal, or one under a revoked chain key (`ledger audit reseal`).
+"""Sealing rows again under the active chain key (`ledger audit reseal`).
 
-Rows written before seals existed (revision 0005), or sealed with a key that leaked, can
-only be vouched for again by trusting them as they are now: run `ledger audit verify`
-first, compare with backups or statements if in doubt, then reseal. The journal's own
+Rows written before seals existed (revision 0005) have none; after a rotation, rows keep
+the seal of the key they were last changed under. Before an old key is marked revoked
+(it leaked), every row sealed with it must be sealed again with the new one, since a
+revoked key vouches for nothing that is not pinned by a checkpoint, and rows are not.
+Resealing trusts the rows as they are now: run `ledger audit verify` first, and compare
+with backups or statements if in doubt. The journal's own
 hashes are never rewritten (it is append-only): the checkpoint written right after
 pins its chains, old links included. This runs as the tables' owner, since the serving
 role may not change the seals of accounts or API keys.
@@ -36,12 +39,11 @@ def _message(table: str, key_id: str, row: object) -> str:
 
 async def reseal(engine: AsyncEngine, keyring: Keyring) -> dict[str, int]:
     key = keyring.active
-    revoked = [k.id for k in keyring.keys if k.revoked]
     counts = {}
     async with engine.begin() as connection:
         for table, select in TABLES.items():
-            condition = " WHERE seal IS NULL OR seal_key = ANY(CAST(:revoked AS text[]))"
-            rows = (await connection.execute(text(select + condition + " FOR UPDATE"), {"revoked": revoked})).all()
+            condition = " WHERE seal IS NULL OR seal_key <> :active"
+            rows = (await connection.execute(text(select + condition + " FOR UPDATE"), {"active": key.id})).all()
             seals = [seal(key, _message(table, key.id, row)) for row in rows]
             if rows:
                 await connection.execute(

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests import provision
 from tests.scenario import find_violations, run_bank_scenario
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,9 @@ async def test_50_concurrent_posts_of_one_id_apply_once_and_all_agree(
 ) -> None:
     """50 simultaneous POSTs of the same transfer: one applies, 49 are replays, every
     answer carries the same status and body, and the money moved once."""
-    async with httpx.AsyncClient(base_url=server_url, timeout=30, limits=httpx.Limits(max_connections=50)) as client:
+    async with httpx.AsyncClient(
+        base_url=server_url, headers=provision.API_HEADERS, timeout=30, limits=httpx.Limits(max_connections=50)
+    ) as client:
         for name, negative in (("source", True), ("target", False)):
             response = await client.post(
                 "/v1/accounts", json={"id": f"{name}-{uid}", "currency": "USD", "allow_negative_balance": negative}
@@ -82,7 +85,9 @@ async def test_concurrent_withdrawals_beyond_the_balance_never_overdraw(server_u
     """40 concurrent withdrawals of 100 from an account holding 1,000: exactly 10 apply,
     30 are refused with insufficient_funds, the balance ends at 0, never below, and each
     refusal is recorded and replayed identically."""
-    async with httpx.AsyncClient(base_url=server_url, timeout=30, limits=httpx.Limits(max_connections=40)) as client:
+    async with httpx.AsyncClient(
+        base_url=server_url, headers=provision.API_HEADERS, timeout=30, limits=httpx.Limits(max_connections=40)
+    ) as client:
         await client.post("/v1/accounts", json={"id": f"bank-{uid}", "currency": "EUR", "allow_negative_balance": True})
         await client.post("/v1/accounts", json={"id": f"wallet-{uid}", "currency": "EUR"})
         await client.post("/v1/accounts", json={"id": f"shop-{uid}", "currency": "EUR"})
@@ -140,7 +145,9 @@ async def test_racing_posts_voids_and_expiry_make_exactly_one_decision(
     transfers, half of them expiring just as the race starts: per transfer exactly one
     decision wins (the winners' 200s all agree with the final state; everything else is a
     409 naming that state), and the reservation is released exactly once."""
-    async with httpx.AsyncClient(base_url=server_url, timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+    async with httpx.AsyncClient(
+        base_url=server_url, headers=provision.API_HEADERS, timeout=30, limits=httpx.Limits(max_connections=64)
+    ) as client:
         await client.post("/v1/accounts", json={"id": f"bank-{uid}", "currency": "EUR", "allow_negative_balance": True})
         await client.post("/v1/accounts", json={"id": f"payer-{uid}", "currency": "EUR"})
         await client.post("/v1/accounts", json={"id": f"shop-{uid}", "currency": "EUR"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import httpx
 
+from tests import provision
+
 
 def leg(transfer_id: str, debit: str, credit: str, amount: int, **extra: object) -> dict:
     return {"id": transfer_id, "debit_account_id": debit, "credit_account_id": credit, "amount": amount, **extra}
@@ -12,7 +14,7 @@ def leg(transfer_id: str, debit: str, credit: str, amount: int, **extra: object)
 
 async def test_batch_two_phase_and_reversal_codes_end_to_end(server_url: str, uid: str) -> None:
     bank, alice, shop = f"bank-{uid}", f"alice-{uid}", f"shop-{uid}"
-    async with httpx.AsyncClient(base_url=server_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server_url, headers=provision.API_HEADERS, timeout=30) as client:
         await client.post("/v1/accounts", json={"id": bank, "currency": "EUR", "allow_negative_balance": True})
         for account_id in (alice, shop):
             await client.post("/v1/accounts", json={"id": account_id, "currency": "EUR"})

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from tests import provision
+
 
 async def test_request_ids_are_echoed_logged_and_generated(
     server: tuple[str, Path], database_url: str, uid: str
@@ -17,7 +19,7 @@ async def test_request_ids_are_echoed_logged_and_generated(
     unsafe one is replaced by a generated id. Every log line is JSON, and the database
     password never appears in the log."""
     base_url, log_path = server
-    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=base_url, headers=provision.API_HEADERS, timeout=10) as client:
         given = await client.get(f"/v1/accounts/trace-{uid}", headers={"X-Request-ID": f"trace-{uid}"})
         assert given.headers["x-request-id"] == f"trace-{uid}"
         generated = await client.get("/health/live")
@@ -33,7 +35,7 @@ async def test_request_ids_are_echoed_logged_and_generated(
 
 
 async def test_metrics_count_requests_outcomes_and_show_the_pool(server_url: str, uid: str) -> None:
-    async with httpx.AsyncClient(base_url=server_url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=server_url, headers=provision.API_HEADERS, timeout=10) as client:
         await client.post(
             "/v1/accounts", json={"id": f"m-bank-{uid}", "currency": "EUR", "allow_negative_balance": True}
         )
