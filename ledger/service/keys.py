@@ -44,7 +44,7 @@ from ledger.service.records import Page
 logger = logging.getLogger("ledger.keys")
 
 ROLES = ("admin", "poster", "auditor")
-CACHE_SECONDS = 5.0
+CACHE_SECONDS = 4.0
 ENVIRONMENT_ADMIN = "LEDGER_ADMIN_KEY"
 INSECURE = "insecure-no-auth"
 # Serialises the first start's admin key between processes starting at once.
