@@ -64,7 +64,12 @@ def server_settings(settings: Settings) -> dict[str, str]:
 
 
 def create_engine(
-    settings: Settings, url: str | None = None, *, pool_size: int | None = None, max_overflow: int | None = None
+    settings: Settings,
+    url: str | None = None,
+    *,
+    pool_size: int | None = None,
+    max_overflow: int | None = None,
+    pre_ping: bool | None = None,
 ) -> AsyncEngine:
     """Create the engine with every pool option passed explicitly from settings."""
     database_url = url or settings.database_url
@@ -76,7 +81,7 @@ def create_engine(
         max_overflow=settings.max_overflow if max_overflow is None else max_overflow,
         pool_timeout=settings.pool_timeout_seconds,
         pool_recycle=settings.pool_recycle_seconds,
-        pool_pre_ping=settings.pool_pre_ping,
+        pool_pre_ping=settings.pool_pre_ping if pre_ping is None else pre_ping,
         # Statement parameters are amounts, ids and metadata: they stay out of error
         # messages, and so out of logs.
         hide_parameters=True,
@@ -89,8 +94,11 @@ def create_engine(
 
 
 def create_audit_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
-    """The small pool of audits and exports, apart from the one transfers use."""
-    return create_engine(settings, url, pool_size=settings.audit_pool_size, max_overflow=0)
+    """The small pool of audits and exports, apart from the one transfers use. Its
+    connections are tested before use: audits are rare next to transfers, so the round
+    trip costs nothing that matters, and they do not go through the unit of work, which
+    is what re-runs transfers on a connection found dead after a database restart."""
+    return create_engine(settings, url, pool_size=settings.audit_pool_size, max_overflow=0, pre_ping=True)
 
 
 # -- the serving role -----------------------------------------------------------------

@@ -82,10 +82,12 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return round(sorted_values[min(int(len(sorted_values) * fraction), len(sorted_values) - 1)], 3)
 
 
-async def run(arguments: argparse.Namespace, base_url: str, service_pid: int | None, postgres_pid: int | None) -> dict:
+async def run(
+    arguments: argparse.Namespace, base_url: str, api_key: str | None, service_pid: int | None, postgres_pid: int | None
+) -> dict:
     run_id = f"lt{secrets.token_hex(3)}"
     connections = arguments.clients or arguments.max_outstanding
-    async with Generator(base_url, arguments.api_key, connections) as generator:
+    async with Generator(base_url, api_key, connections) as generator:
         house, accounts = await setup_accounts(generator, run_id, arguments.accounts)
         workload = Workload(arguments.scenario, accounts, house, arguments.seed, run_id)
         warm = None
@@ -159,12 +161,14 @@ def sweep(arguments: argparse.Namespace) -> dict:
     context = local_service(arguments.workers) if arguments.self_serve else nullcontext(None)
     with context as service:
         base_url = service.base_url if service else arguments.base_url
+        # A self-served service has an admin key of its own; --api-key is for others.
+        api_key = service.api_key if service else arguments.api_key
         service_pid = service.service_pid if service else arguments.service_pid
         postgres_pid = service.postgres_pid if service else arguments.postgres_pid
         for clients in arguments.sweep:
             print(f"sweep: {clients} clients for {arguments.duration:g} s", file=sys.stderr)
             step = argparse.Namespace(**{**vars(arguments), "clients": clients, "rate": None})
-            report = run_fast(run(step, base_url, service_pid, postgres_pid))
+            report = run_fast(run(step, base_url, api_key, service_pid, postgres_pid))
             points.append(
                 {
                     "clients": clients,
@@ -209,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--api-key", help="a poster or admin key (needed when the service requires keys)")
+    parser.add_argument(
+        "--api-key",
+        help="an admin key of the service (every request needs a key, and the run opens a house account that may go "
+        "negative, which only admin keys may); --self-serve uses the key of the service it starts",
+    )
     parser.add_argument(
         "--self-serve", action="store_true", help="start an embedded PostgreSQL and a service for this run"
     )
@@ -229,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", action="store_true", help="first run pgbench with the service's own SQL on the same database"
     )
-    parser.add_argument("--database-url", help="the service's database, for --baseline without --self-serve")
+    parser.add_argument(
+        "--database-url",
+        help="the service's database as the tables' owner (it creates a database of its own), for --baseline "
+        "without --self-serve",
+    )
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks (not recommended)")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots of the run (or the sweep) here")
     parser.add_argument(
@@ -261,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     context = local_service(arguments.workers) if arguments.self_serve else nullcontext(None)
     with context as service:
         base_url = service.base_url if service else arguments.base_url
+        # A self-served service has an admin key of its own; --api-key is for others.
+        api_key = service.api_key if service else arguments.api_key
         service_pid = service.service_pid if service else arguments.service_pid
         postgres_pid = service.postgres_pid if service else arguments.postgres_pid
         database_url = service.database_url if service else arguments.database_url
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The set-based ceiling too: 100 transfers per transaction decided in SQL.
                 bulk = pgbench(baseline_url, "bulk", clients, arguments.duration, arguments.accounts, batch=100)
                 baseline["bulk_ceiling_transfers_per_second"] = round(bulk, 1)
-        report = run_fast(run(arguments, base_url, service_pid, postgres_pid))
+        report = run_fast(run(arguments, base_url, api_key, service_pid, postgres_pid))
         if baseline is not None:
             baseline["ratio"] = round(report["transfers_per_second"] / baseline["transfers_per_second"], 3)
             if "bulk_ceiling_transfers_per_second" in baseline:

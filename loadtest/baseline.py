@@ -5,7 +5,10 @@ SQL, one transfer per transaction, with the same locks, savepoint and writes:
     one statement: INSERT transfer, UPDATE both accounts, INSERT both entries;
     RELEASE SAVEPOINT; COMMIT;
 
-It runs in a database of its own on the same server (`<database>_baseline`). It is what
+The rows are the service's, with stand-ins for what the service computes in Python: a
+SHA-256 where it writes an HMAC under the chain key (entries' `hash`, transfers'
+`seal`), and the key id `pgbench`. It runs as the tables' owner, in a database of its
+own on the same server (`<database>_baseline`) that it creates and migrates. It is what
 the service would cost with no HTTP, no Python and no round trip to read the
 id first, so a service figure divided by it says how much the rest costs.
 `uniform` picks two distinct accounts at random; `hot` puts account 0 on one side of
@@ -53,7 +56,7 @@ BEGIN;
 SELECT id, debits_posted, credits_posted, entries_count, last_entry_hash FROM accounts
 WHERE id IN ('pgb-' || :a, 'pgb-' || :b) ORDER BY id FOR UPDATE;
 SAVEPOINT apply;
-WITH t AS (INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status, metadata, request_hash, created_at, updated_at) VALUES (gen_random_uuid()::text, 'pgb-' || :a, 'pgb-' || :b, :amount, 'EUR', false, 'posted', '{}', sha256('pgbench'::bytea), clock_timestamp(), clock_timestamp()) RETURNING id), u AS (UPDATE accounts SET debits_posted = debits_posted + CASE WHEN id = 'pgb-' || :a THEN :amount ELSE 0 END, credits_posted = credits_posted + CASE WHEN id = 'pgb-' || :b THEN :amount ELSE 0 END, entries_count = entries_count + 1, last_entry_at = clock_timestamp(), last_entry_hash = sha256(COALESCE(last_entry_hash, ''::bytea) || convert_to(id, 'UTF8')) WHERE id IN ('pgb-' || :a, 'pgb-' || :b) RETURNING id, entries_count, credits_posted - debits_posted AS balance, last_entry_hash) INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash) SELECT u.id, u.entries_count, t.id, CASE WHEN u.id = 'pgb-' || :a THEN -:amount ELSE :amount END, u.balance, clock_timestamp(), u.last_entry_hash FROM u, t;
+WITH t AS (INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status, metadata, request_hash, created_at, updated_at, seal, seal_key) VALUES (gen_random_uuid()::text, 'pgb-' || :a, 'pgb-' || :b, :amount, 'EUR', false, 'posted', '{}', sha256('pgbench'::bytea), clock_timestamp(), clock_timestamp(), sha256('seal'::bytea), 'pgbench') RETURNING id), u AS (UPDATE accounts SET debits_posted = debits_posted + CASE WHEN id = 'pgb-' || :a THEN :amount ELSE 0 END, credits_posted = credits_posted + CASE WHEN id = 'pgb-' || :b THEN :amount ELSE 0 END, entries_count = entries_count + 1, last_entry_at = clock_timestamp(), last_entry_hash = sha256(COALESCE(last_entry_hash, ''::bytea) || convert_to(id, 'UTF8')) WHERE id IN ('pgb-' || :a, 'pgb-' || :b) RETURNING id, entries_count, credits_posted - debits_posted AS balance, last_entry_hash) INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash, key_id) SELECT u.id, u.entries_count, t.id, CASE WHEN u.id = 'pgb-' || :a THEN -:amount ELSE :amount END, u.balance, clock_timestamp(), u.last_entry_hash, 'pgbench' FROM u, t;
 RELEASE SAVEPOINT apply;
 COMMIT;
 """
@@ -81,11 +84,11 @@ WITH p AS MATERIALIZED (SELECT *, gen_random_uuid()::text AS id FROM ({PAIRS}) A
     FROM legs JOIN accounts a ON a.id = legs.account_id
     WINDOW w AS (PARTITION BY legs.account_id ORDER BY legs.g ROWS UNBOUNDED PRECEDING)
 ), t AS (
-    INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status, metadata, request_hash, created_at, updated_at)
-    SELECT id, debit, credit, amount, 'EUR', false, 'posted', '{{}}', sha256(convert_to(id, 'UTF8')), clock_timestamp(), clock_timestamp() FROM p
+    INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status, metadata, request_hash, created_at, updated_at, seal, seal_key)
+    SELECT id, debit, credit, amount, 'EUR', false, 'posted', '{{}}', sha256(convert_to(id, 'UTF8')), clock_timestamp(), clock_timestamp(), sha256(convert_to(id, 'UTF8')), 'pgbench' FROM p
 ), e AS (
-    INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash)
-    SELECT account_id, sequence, transfer_id, amount, balance_after, clock_timestamp(), sha256(convert_to(transfer_id, 'UTF8')) FROM numbered
+    INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash, key_id)
+    SELECT account_id, sequence, transfer_id, amount, balance_after, clock_timestamp(), sha256(convert_to(transfer_id, 'UTF8')), 'pgbench' FROM numbered
 )
 UPDATE accounts
 SET debits_posted = debits_posted + s.debits, credits_posted = credits_posted + s.credits,
@@ -101,7 +104,8 @@ COMMIT;
 
 async def baseline_database(database_url: str) -> str:
     """A database of its own on the same server, migrated like the service's: pgbench's
-    journal lines carry stand-in hashes, which must not mix with the audited ledger."""
+    journal lines carry stand-in hashes and seals, which must not mix with the audited
+    ledger. `database_url` must be the owner's (or another role that may create databases)."""
     parts = urlsplit(libpq_url(database_url))
     name = f"{parts.path.lstrip('/') or 'postgres'}_baseline"
     connection = await asyncpg.connect(libpq_url(database_url))

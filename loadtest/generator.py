@@ -282,11 +282,22 @@ class Generator:
 async def setup_accounts(generator: Generator, run_id: str, count: int) -> tuple[str, list[str]]:
     """A house account that may go negative, and `count` funded customer accounts."""
     house = f"{run_id}-house"
-    await generator.call("POST", "/v1/accounts", {"id": house, "currency": "EUR", "allow_negative_balance": True})
+    status, content, _ = await generator.call(
+        "POST", "/v1/accounts", {"id": house, "currency": "EUR", "allow_negative_balance": True}
+    )
+    if status != 201:
+        # 401 without a key, 403 with a key that is not an admin's: said here, not later
+        # as a funding failure on an account that does not exist.
+        raise RuntimeError(f"opening the house account (needs an admin key) failed: {status} {content[:300]!r}")
     accounts = [f"{run_id}-a{i}" for i in range(count)]
     for start in range(0, count, 500):
         chunk = accounts[start : start + 500]
-        await asyncio.gather(*(generator.call("POST", "/v1/accounts", {"id": a, "currency": "EUR"}) for a in chunk))
+        opened = await asyncio.gather(
+            *(generator.call("POST", "/v1/accounts", {"id": a, "currency": "EUR"}) for a in chunk)
+        )
+        refused = [(status, content) for status, content, _ in opened if status != 201]
+        if refused:
+            raise RuntimeError(f"opening {len(refused)} accounts failed: {refused[0][0]} {refused[0][1][:300]!r}")
         funding = [
             {"id": f"{a}-funding", "debit_account_id": house, "credit_account_id": a, "amount": FUNDING} for a in chunk
         ]

@@ -4,6 +4,9 @@
     LEDGER_SCENARIO=hot LEDGER_API_KEY=... .venv/bin/locust -f loadtest/locustfile.py \\
         --host http://127.0.0.1:8000 --headless --users 16 --spawn-rate 16 --run-time 30s
 
+`LEDGER_API_KEY` is an admin key of the service: every request needs a key, and the run
+opens a house account that may go negative, which only admin keys may (every request
+also says `Content-Type: application/json`, which POSTs must).
 `LEDGER_SCENARIO` is one of uniform, hot, zipf, batch, mixed, replay (default uniform);
 `LEDGER_ACCOUNTS` sets how many funded accounts the run creates (default 1000). Refusals
 (422, e.g. insufficient_funds) are outcomes of a ledger, not failures; 5xx and

@@ -33,13 +33,15 @@ async def sample_peak(process: psutil.Process, stop: asyncio.Event) -> int:
     return peak
 
 
-async def measure(base_url: str, server: psutil.Process, entries: int) -> dict:
+async def measure(base_url: str, api_key: str, server: psutil.Process, entries: int) -> dict:
     account = "statement-account"
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-        await client.post(
-            "/v1/accounts", json={"id": "statement-bank", "currency": "EUR", "allow_negative_balance": True}
-        )
-        await client.post("/v1/accounts", json={"id": account, "currency": "EUR"})
+    # An admin key: the bank account may go negative. httpx sends `json=` bodies as
+    # application/json, which every POST must be.
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120) as client:
+        bank = {"id": "statement-bank", "currency": "EUR", "allow_negative_balance": True}
+        (await client.post("/v1/accounts", json=bank)).raise_for_status()
+        (await client.post("/v1/accounts", json={"id": account, "currency": "EUR"})).raise_for_status()
         started = time.perf_counter()
         for batch in range(0, entries, 1000):
             items = [
@@ -59,11 +61,13 @@ async def measure(base_url: str, server: psutil.Process, entries: int) -> dict:
                 async with client.stream(
                     "GET", f"/v1/accounts/{account}/entries", headers={"Accept": "text/csv"}
                 ) as stream:
+                    stream.raise_for_status()
                     async for chunk in stream.aiter_bytes():
                         size += len(chunk)
                         lines += chunk.count(b"\n")
             else:
                 response = await client.get(f"/v1/accounts/{account}/entries", params={"limit": 1000})
+                response.raise_for_status()
                 size, lines = len(response.content), len(response.json()["data"])
             stop.set()
             return before, await sampler, size, lines
@@ -88,7 +92,9 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=100_000)
     arguments = parser.parse_args()
     with local_service() as service:
-        report = asyncio.run(measure(service.base_url, psutil.Process(service.service_pid), arguments.entries))
+        report = asyncio.run(
+            measure(service.base_url, service.api_key, psutil.Process(service.service_pid), arguments.entries)
+        )
     print(json.dumps(report, indent=2))
     return 0 if report["csv_rows"] == arguments.entries else 1
 

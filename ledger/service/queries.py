@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ColumnElement, Select, and_, case, cast, exists, func, or_, select, tuple_
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    cast,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+)
 
 from ledger.domain import epoch_microseconds
 from ledger.errors import AccountNotFound, TransferNotFound
@@ -13,13 +26,19 @@ from ledger.service.pagination import cursor_time, decode_cursor, encode_cursor
 from ledger.service.records import AccountRecord, BalanceRecord, EntryRecord, Page, TransferRecord
 from ledger.service.unit_of_work import Executor, UnitOfWork
 
+# 'pending' as a literal, not a bound parameter: the service's statements run with
+# generic plans (ledger.database), and a generic plan can only use the partial indexes
+# on pending transfers (`WHERE status = 'pending'`) when the query states the same
+# literal. With a parameter, reading an account scanned every transfer it ever had.
+PENDING = literal_column("'pending'")
+
 
 def _due_reserved(side: ColumnElement) -> ColumnElement:
     """What the account has reserved on `side` in reservations past expiry but not yet
     released: reads already treat those funds as free (lazy expiry)."""
     return func.coalesce(
         select(func.sum(Transfer.amount))
-        .where(side == Account.id, Transfer.status == "pending", Transfer.expires_at <= func.clock_timestamp())
+        .where(side == Account.id, Transfer.status == PENDING, Transfer.expires_at <= func.clock_timestamp())
         .correlate(Account)
         .scalar_subquery(),
         0,
@@ -52,7 +71,7 @@ ACCOUNT_COLUMNS = tuple(
 )
 # A reservation past expiry reads as expired even before it is released.
 EFFECTIVE_STATUS = case(
-    (and_(Transfer.status == "pending", Transfer.expires_at <= func.clock_timestamp()), "expired"),
+    (and_(Transfer.status == PENDING, Transfer.expires_at <= func.clock_timestamp()), "expired"),
     else_=Transfer.status,
 )
 TRANSFER_COLUMNS = tuple(

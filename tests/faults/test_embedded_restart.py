@@ -1,5 +1,6 @@
 """The embedded PostgreSQL comes back at the same address after a crash, whoever restarts
-it: its port lives in the data directory, not on the command line of the first start."""
+it: its port lives in the data directory, not on the command line of the first start, and
+so do the passwords of its superuser and of the serving role."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def test_a_plain_pg_ctl_start_after_a_crash_keeps_the_address(tmp_path: Path) ->
         # And the next `ledger serve` finds it at that same URL.
         again = EmbeddedPostgres(tmp_path / "pg")
         assert again.start() == url
+        # So does the serving role's, which a running service reconnects with.
+        assert again.service_url == first.service_url
+        assert asyncio.run(_answers(again.service_url)) == 1
     finally:
         first.started_here = True
         first.stop()
