@@ -78,6 +78,7 @@ def create_app(
         metrics.unit_of_work = unit_of_work
         app.state.engine = engine
         app.state.audit_engine = audit_engine
+        app.state.export_slots = asyncio.Semaphore(settings.export_concurrency)
         app.state.chain = keyring
         app.state.ledger = Ledger(
             unit_of_work=unit_of_work,

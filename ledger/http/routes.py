@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, TypeVar
@@ -204,24 +205,33 @@ CSV_COLUMNS = ("account_id", "sequence", "transfer_id", "amount", "balance_after
 
 
 async def csv_statement(state: State, account_id: str, start: datetime | None, end: datetime | None) -> BudgetedStream:
-    """The statement as CSV, page by page; each page borrows a connection of the audit
-    pool only while it is read, so a slow reader holds no database connection."""
-    pages = await audit.statement_pages(state.audit_engine, account_id, start, end)
+    """The statement as CSV, page by page. A page borrows a connection of the audit pool
+    only while it is read, so a slow reader holds no database connection; and reading and
+    formatting a page takes one of the process's export slots (LEDGER_EXPORT_CONCURRENCY),
+    so however many exports run, they use the CPU one page at a time, and every other
+    request gets its turn in between."""
+    pages = aiter(await audit.statement_pages(state.audit_engine, account_id, start, end))
+    slots: asyncio.Semaphore = state.export_slots
 
     async def lines() -> AsyncIterator[bytes]:
         # Ids are [A-Za-z0-9._:-] and the rest are numbers, timestamps and hex: no field
         # ever needs CSV quoting.
         yield (",".join(CSV_COLUMNS) + "\r\n").encode()
-        try:
-            async for rows in pages:
-                yield "".join(
-                    f"{account_id},{r.sequence},{r.transfer_id},{r.amount},{r.balance_after},"
-                    f"{format_timestamp(r.created_at)},{r.hash.hex()},{r.key_id}\r\n"
-                    for r in rows
-                ).encode()
-        except Exception as error:
-            # Mid-stream there is no status left to send: the response must end incomplete.
-            raise ExportCut(f"reading the statement failed: {type(error).__name__}") from error
+        while True:
+            try:
+                async with slots:
+                    rows = await anext(pages, None)
+                    if rows is None:
+                        return
+                    chunk = "".join(
+                        f"{account_id},{r.sequence},{r.transfer_id},{r.amount},{r.balance_after},"
+                        f"{format_timestamp(r.created_at)},{r.hash.hex()},{r.key_id}\r\n"
+                        for r in rows
+                    ).encode()
+            except Exception as error:
+                # Mid-stream there is no status left to send: the response must end incomplete.
+                raise ExportCut(f"reading the statement failed: {type(error).__name__}") from error
+            yield chunk
 
     return BudgetedStream(
         lines(),

@@ -473,7 +473,7 @@ async def trial_balance(
     return moment, [CurrencyTotals(row["currency"], int(row["debits"]), int(row["credits"])) for row in rows]
 
 
-STATEMENT_PAGE = 2000
+STATEMENT_PAGE = 1000
 STATEMENT = text(
     """
     SELECT sequence, transfer_id, amount, balance_after, created_at, hash, key_id FROM entries
