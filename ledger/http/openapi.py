@@ -6,7 +6,8 @@ from this document, so it must describe what the service accepts, no more:
 - request bodies reject unknown fields (`forbid_unknown_fields`): `additionalProperties:
   false`, which Litestar does not emit for msgspec structs;
 - `timeout_seconds` applies to pending transfers only (API.md): an `if`/`then`;
-- the bodies of post, void and audit verification are optional;
+- the bodies of post, void and audit verification have only optional fields, yet are
+  required: every POST carries Content-Type: application/json;
 - metadata's limits (at most 16 keys of 1 to 64 characters, values up to 512, no NUL),
   which Litestar drops for dict types;
 - integer bounds are integers: Litestar writes them as floats, and the largest amount
@@ -26,7 +27,14 @@ from ledger.domain import MAX_AMOUNT
 from ledger.http import schemas
 from ledger.http.schemas import NO_NUL
 
-OPTIONAL_BODIES = {("/v1/transfers/{transfer_id}/post", "post"), ("/v1/audit/verify", "post")}
+# Bodies whose fields are all optional: still required, because every POST must say
+# Content-Type: application/json (a browser form cannot; see ledger.http.body). `{}` or
+# `null` will do.
+OPTIONAL_FIELDS = {
+    ("/v1/transfers/{transfer_id}/post", "post"),
+    ("/v1/transfers/{transfer_id}/void", "post"),
+    ("/v1/audit/verify", "post"),
+}
 PENDING_ONLY = ("TransferCreate", "BatchTransfer")
 
 
@@ -48,10 +56,10 @@ def complete_openapi(app: Litestar) -> None:
         metadata = (component.properties or {}).get("metadata")
         if isinstance(metadata, Schema):
             _describe_metadata(metadata)
-    for path, method in OPTIONAL_BODIES:
+    for path, method in OPTIONAL_FIELDS:
         operation = getattr((document.paths or {}).get(path), method, None)
         if operation is not None and operation.request_body is not None:
-            operation.request_body.required = False
+            operation.request_body.required = True
 
 
 def repair_options(app: Litestar) -> None:

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, TypeVar
 
-import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import JSONBody, PathParameter, QueryParameter
@@ -33,6 +32,7 @@ from ledger.http.schemas import (
     TransferCreate,
     TransferOut,
     TransferPage,
+    VoidPending,
     format_timestamp,
     parse_timestamp,
 )
@@ -188,14 +188,10 @@ class AccountController(Controller):
         return balance_out(balance)
 
 
-class VoidPending(msgspec.Struct, forbid_unknown_fields=True):
-    """A void takes no fields; an empty object (or no body) is accepted."""
-
-
 async def _optional_body(request: Request, kind: type[T]) -> T | None:
-    """Post, void and audit verification may be sent without a body, or with JSON `null`
-    (the OpenAPI document describes these bodies as optional and nullable); any other
-    body is decoded strictly."""
+    """Post, void and audit verification take a body of optional fields: `{}`, JSON
+    `null` or an empty body mean none (the Content-Type must still say JSON, see
+    `ledger.http.body`); anything else is decoded strictly."""
     if not await request.body():
         return None
     return await decode_strict(request, kind | None)  # type: ignore[arg-type]
@@ -331,8 +327,11 @@ class TransferController(Controller):
         guards=[MOVE_MONEY],
         responses=documented(*WRITE_PROBLEMS),
     )
-    async def void_pending(self, request: Request, state: State, transfer_id: TransferId) -> TransferOut:
-        """Void a pending transfer: its reservation is released. Repeating it returns the same 200."""
+    async def void_pending(
+        self, request: Request, state: State, transfer_id: TransferId, data: JSONBody[VoidPending | None] = None
+    ) -> TransferOut:
+        """Void a pending transfer: its reservation is released. Repeating it returns the same
+        200. The body is `{}` (or `null`, or empty), sent as application/json."""
         await _optional_body(request, VoidPending)
         path_identifier(transfer_id, TransferNotFound, "transfer")
         return transfer_out(await state.ledger.transfers.void(transfer_id))

@@ -117,6 +117,10 @@ class PostPending(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     amount: Amount | None = None
 
 
+class VoidPending(msgspec.Struct, forbid_unknown_fields=True):
+    """A void takes no fields: send `{}`."""
+
+
 class Reverse(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Reverse a posted transfer: a new transfer with its own `id`, of `amount` (default:
     all that is still reversible)."""

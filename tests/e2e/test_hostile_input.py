@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import provision
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.slow
 def test_schemathesis_finds_no_failure_in_any_operation(server_url: str, tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "schemathesis.cli", "run", f"{server_url}/schema/openapi.json",
+        "--header", f"Authorization: {provision.API_HEADERS['Authorization']}",
         "--checks", "all", "--phases", "examples,coverage,fuzzing", "--max-examples", "40", "--seed", "20261125",
         "--no-color", "--report", "junit", "--report-dir", str(tmp_path),
     ]  # fmt: skip
