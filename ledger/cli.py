@@ -139,12 +139,6 @@ async def _prepare(settings: Settings, database: Database, keyring: Keyring) -> 
     try:
         async with engine.connect() as connection:
             report = await inspect_serving_role(connection)
-            sealed_with = {
-                row[0]
-                for row in await connection.execute(
-                    text("SELECT DISTINCT seal_key FROM accounts WHERE seal_key IS NOT NULL")
-                )
-            }
         if report.missing:
             raise StartupError(
                 f"the database role {report.role!r} lacks what serving needs ({', '.join(report.missing)}): "
@@ -165,6 +159,9 @@ async def _prepare(settings: Settings, database: Database, keyring: Keyring) -> 
                 report.role,
                 reasons,
             )
+        async with engine.connect() as connection:
+            query = text("SELECT DISTINCT seal_key FROM accounts WHERE seal_key IS NOT NULL")
+            sealed_with = {row[0] for row in await connection.execute(query)}
         unknown = sorted(sealed_with - set(keyring.ids))
         if unknown:
             raise StartupError(

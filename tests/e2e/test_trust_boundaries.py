@@ -388,73 +388,33 @@ def test_unknown_routes_and_methods_are_problems_logged_and_counted(server: tupl
     assert 'route="unmatched",status="404"' in metrics and 'status="405"' in metrics
 
 
-def _serve(environment: dict[str, str], directory: Path, port: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ledger", "serve", "--port", str(port)],
-        env={**os.environ, **environment},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=directory,
-    )
-
-
-def _wait_ready(base_url: str, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
-        try:
-            if httpx.get(f"{base_url}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the service did not become ready")
-
-
-def _stop(process: subprocess.Popen[str]) -> str:
-    process.terminate()
-    output, _ = process.communicate(timeout=30)
-    return output
-
-
 def test_the_first_start_prints_one_admin_key_and_a_revoked_ledger_stays_locked(tmp_path: Path) -> None:
     """`ledger serve` on a new data directory, as `make run` does: it creates an admin
     key, prints it once, keeps it in the data directory (0600), and requires it. A second
     start prints nothing and the key still works. Once every key is revoked, a restart
     mints none: every request is refused, with the old key or without."""
-    environment = {"LEDGER_DATA_DIR": str(tmp_path / "data"), "LEDGER_CHECKPOINT_INTERVAL_SECONDS": "0"}
-    environment = {k: v for k, v in environment.items()} | {"LEDGER_ADMIN_KEY": "", "LEDGER_DATABASE_URL": ""}
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    process = _serve(environment, tmp_path, port)
-    _wait_ready(base_url, process)
+    # Unset database URL and admin key: the embedded PostgreSQL and a first key.
+    environment = {"LEDGER_DATA_DIR": str(tmp_path / "data"), "LEDGER_DATABASE_URL": "", "LEDGER_ADMIN_KEY": ""}
     key_file = tmp_path / "data" / "admin.key"
-    key = key_file.read_text().strip()
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert httpx.get(f"{base_url}/v1/accounts").status_code == 401
-    assert httpx.get(f"{base_url}/v1/accounts", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-    first = _stop(process)
-    assert first.count(key) == 1, "the key is printed exactly once"
+    with serving_process(tmp_path / "first", environment) as (base_url, first_log):
+        key = key_file.read_text().strip()
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        authorized = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{base_url}/v1/accounts").status_code == 401
+        assert httpx.get(f"{base_url}/v1/accounts", headers=authorized).status_code == 200
+    assert first_log.read_text().count(key) == 1, "the key is printed exactly once"
 
-    process = _serve(environment, tmp_path, port)
-    _wait_ready(base_url, process)
-    authorized = {"Authorization": f"Bearer {key}"}
-    keys = httpx.get(f"{base_url}/v1/keys", headers=authorized).json()["data"]
-    assert [k["role"] for k in keys] == ["admin"]
-    assert httpx.delete(f"{base_url}/v1/keys/{keys[0]['id']}", headers=authorized).status_code == 200
-    second = _stop(process)
-    assert key not in second and "First start" not in second
+    with serving_process(tmp_path / "second", environment) as (base_url, second_log):
+        keys = httpx.get(f"{base_url}/v1/keys", headers=authorized).json()["data"]
+        assert [k["role"] for k in keys] == ["admin"]
+        assert httpx.delete(f"{base_url}/v1/keys/{keys[0]['id']}", headers=authorized).status_code == 200
+    assert key not in second_log.read_text() and "First start" not in second_log.read_text()
 
-    process = _serve(environment, tmp_path, port)
-    _wait_ready(base_url, process)
-    try:
+    with serving_process(tmp_path / "third", environment) as (base_url, third_log):
         assert httpx.get(f"{base_url}/v1/accounts", headers=authorized).status_code == 401
         assert httpx.get(f"{base_url}/v1/accounts").status_code == 401
         assert key_file.read_text().strip() == key, "no new key replaced the revoked one"
-    finally:
-        third = _stop(process)
-    assert "First start" not in third
+    assert "First start" not in third_log.read_text()
 
 
 def test_serving_as_a_privileged_role_or_with_a_short_admin_key_is_refused(
