@@ -8,18 +8,21 @@ time. This subclass adds, per connection (settings in `ledger.settings`):
 - `max_header_bytes`: the request line and headers together, counted as they arrive;
   past it the request is answered 431 (problem+json) and the connection closed, before
   the parser has to hold any more of it;
-- `header_timeout_seconds`: from the connection, or from a request's first byte, to the
-  end of its headers; past it the connection is closed (408 if part of a request came);
-- `body_timeout_seconds`: from the end of the headers to the end of the body; past it the
-  connection is closed (the handler waiting for the body sees the client gone);
+- `header_timeout_seconds`: from the connection, or from the read that brought the first
+  part of a request's headers, to their end; past it the connection is closed (408 if
+  part of a request came);
+- `body_timeout_seconds`: from the read that completed the headers to the end of the
+  body; past it the connection is closed (the handler waiting for the body sees the
+  client gone);
 - between requests, uvicorn's own keep-alive timeout (`keep_alive_timeout_seconds`).
 
 It also offers the application an ASGI scope extension, `ledger.abort`: a callable that
 closes the connection without completing the response, for a response that must not
 end as if it were complete (a statement export past its time budget).
 
-The hot path pays one addition and one comparison per `data_received` call
-(loadtest/README.md has the measurement against plain httptools and h11).
+The hot path pays an addition and a comparison per read, and a request that arrives in
+one read (the usual case) arms no timer (loadtest/README.md has the measurement against
+plain httptools and h11).
 
 uvicorn creates protocols itself (in every worker process), so the limits are read from
 the `LEDGER_*` environment on first use, or set with `configure` when serving in-process.
@@ -114,9 +117,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 )  # fmt: skip
                 return
             self._tail = data[-3:]
-            if self._head_timer is None:
-                self._arm_head_timer()
         super().data_received(data)
+        # A request usually arrives whole in one read: timers are only armed for what is
+        # still incomplete after it, so the common case creates none.
+        if self.transport.is_closing():
+            return
+        if self._in_body:
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self._limits.body_timeout_seconds, self._body_timed_out)
+        elif self._head_bytes and self._head_timer is None:
+            self._arm_head_timer()
 
     def _head_too_large(self, before: int, data: bytes) -> bool:
         """Past the limit counting the whole read: unless the headers end within the
@@ -127,17 +137,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # -- parser callbacks -------------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
-        self._cancel(self._head_timer)
-        self._head_timer = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self._in_body = True
         super().on_headers_complete()
-        if self.scope is not None:
-            self.scope.setdefault("extensions", {})[ABORT_EXTENSION] = self._abort  # type: ignore[typeddict-item]
-        self._body_timer = self.loop.call_later(self._limits.body_timeout_seconds, self._body_timed_out)
+        self.scope["extensions"] = {ABORT_EXTENSION: self._abort}  # type: ignore[typeddict-unknown-key]
 
     def on_message_complete(self) -> None:
-        self._cancel(self._body_timer)
-        self._body_timer = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         self._in_body = False
         self._head_bytes = 0
         self._tail = b""
