@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -17,7 +18,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 
 from ledger import __version__
 from ledger.database import create_audit_engine, create_engine, create_session_factory
-from ledger.http.audit import AuditController
+from ledger.http.audit import AuditController, Verifications, verify_with_checkpoint
 from ledger.http.body import check_request_body
 from ledger.http.health import live, metrics_endpoint, ready
 from ledger.http.keys import KeyController
@@ -79,6 +80,12 @@ def create_app(
         app.state.engine = engine
         app.state.audit_engine = audit_engine
         app.state.export_slots = asyncio.Semaphore(settings.export_concurrency)
+        # A verification holds an audit connection for its whole run: leave one of the
+        # pool to exports, trial balances and checkpoints.
+        app.state.verifications = Verifications(
+            partial(verify_with_checkpoint, audit_engine, keyring, settings.checkpoints),
+            slots=max(1, settings.audit_pool_size - 1),
+        )
         app.state.chain = keyring
         app.state.ledger = Ledger(
             unit_of_work=unit_of_work,

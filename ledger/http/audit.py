@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +53,61 @@ def report_out(report: audit.AuditReport) -> AuditReportOut:
     )
 
 
+class Verifications:
+    """Verifications requested at once share their runs.
+
+    A request joins the next run for its scope (the whole ledger, or one account): the
+    run that starts once the one in progress, if any, has finished, so its report always
+    reflects the ledger as it was at or after the request. Every request that arrives
+    meanwhile joins the same run. A burst of requests, however large, costs at most two
+    runs per scope, one after the other; runs of different scopes take the process's
+    verification slots (one by default, leaving the audit pool's other connection to
+    exports, trial balances and checkpoints). A request that gives up (its time budget)
+    leaves the run to the others.
+    """
+
+    def __init__(self, run: Callable[[str | None], Awaitable[audit.AuditReport]], slots: int) -> None:
+        self._run = run
+        self._slots = asyncio.Semaphore(slots)
+        self._next: dict[str | None, asyncio.Future[audit.AuditReport]] = {}
+        self._running: dict[str | None, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def verify(self, scope: str | None) -> audit.AuditReport:
+        future = self._next.get(scope)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._next[scope] = future
+            task = asyncio.create_task(self._start(scope, future, self._running.get(scope)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(future)
+
+    async def _start(
+        self, scope: str | None, future: asyncio.Future[audit.AuditReport], previous: asyncio.Task[None] | None
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        # From here on, requests for this scope wait for the run after this one.
+        del self._next[scope]
+        self._running[scope] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            async with self._slots:
+                report = await self._run(scope)
+        except Exception as error:
+            future.set_exception(error)
+        else:
+            future.set_result(report)
+        finally:
+            if self._running.get(scope) is asyncio.current_task():
+                del self._running[scope]
+            if not future.done():  # cancelled: the service is stopping
+                future.cancel()
+            # Nobody may be left to retrieve it (every request gave up): not an error.
+            if future.done() and not future.cancelled():
+                future.exception()
+
+
 async def verify_with_checkpoint(
     engine: AsyncEngine, keyring: Keyring, directory: Path, account_id: str | None
 ) -> audit.AuditReport:
@@ -85,12 +141,10 @@ class AuditController(Controller):
         settings = state.settings
         try:
             async with asyncio.timeout(settings.audit_timeout_seconds):
-                report = await verify_with_checkpoint(
-                    state.audit_engine, state.chain, settings.checkpoints, body.account_id
-                )
+                report = await state.verifications.verify(body.account_id)
         except TimeoutError as error:
             raise Overloaded(
-                f"verification ran past its {settings.audit_timeout_seconds} s budget "
+                f"verification did not finish within its {settings.audit_timeout_seconds} s budget, waiting included "
                 "(LEDGER_AUDIT_TIMEOUT_SECONDS); run `ledger audit verify`, which has none"
             ) from error
         return report_out(report)

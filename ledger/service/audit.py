@@ -46,9 +46,11 @@ from ledger.integrity import LEGACY_KEY_ID, Keyring, account_message, entry_hash
 from ledger.service.checkpoints import Checkpoint, transfer_counts
 from ledger.service.records import TransferRecord
 
+# Pages small enough that reading one (the rows are built in one go) does not hold the
+# event loop for more than a few milliseconds.
 ACCOUNT_PAGE = 500
-ENTRY_PAGE = 5000
-TRANSFER_PAGE = 1000
+ENTRY_PAGE = 1000
+TRANSFER_PAGE = 500
 MAX_PROBLEMS = 1000
 YIELD_EVERY = 256
 
@@ -367,9 +369,7 @@ class _Walk:
                 rows = (await connection.execute(TRANSFERS, {"after": after, "limit": TRANSFER_PAGE})).all()
                 if not rows:
                     return
-                for row in rows:
-                    self.transfer(row)
-                await asyncio.sleep(0)
+                await self._check_transfers(rows, None)
                 after = rows[-1].id
         for statement in ACCOUNT_TRANSFERS.values():
             after_time, after_id = EPOCH_START, ""
@@ -378,10 +378,15 @@ class _Walk:
                 rows = (await connection.execute(statement, params)).all()
                 if not rows:
                     break
-                for row in rows:
-                    self.transfer(row, only)
-                await asyncio.sleep(0)
+                await self._check_transfers(rows, only)
                 after_time, after_id = rows[-1].created_at, rows[-1].id
+
+    async def _check_transfers(self, rows: list[Any], account_id: str | None) -> None:
+        for number, row in enumerate(rows, 1):
+            self.transfer(row, account_id)
+            if number % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0)
 
     def transfer(self, row: Any, account_id: str | None = None) -> None:
         """Check a transfer row; its problems are reported under `account_id` (the account

@@ -321,9 +321,10 @@ def test_an_export_past_its_budget_ends_incomplete_never_truncated_as_complete(
 
 async def test_32_verifications_at_once_neither_fail_nor_stall_others(server_url: str) -> None:
     """The attack that took 62 s of event-loop CPU and starved everyone: 32 concurrent
-    POST /v1/audit/verify. They share the audit pool (2 at a time; the others get 503
-    `overloaded` with Retry-After once the pool timeout passes), their hashing yields to
-    the event loop, and probes keep being answered fast."""
+    POST /v1/audit/verify on the session's ledger (tens of thousands of entries by now).
+    Requests made at once share their runs (at most two, one after the other, each on one
+    audit connection), the hashing yields to the event loop, every request gets a report
+    of the ledger as it was when it asked or later, and probes keep being answered fast."""
     async with (
         Probe(server_url, "/health/live") as probe,
         httpx.AsyncClient(base_url=server_url, headers=provision.API_HEADERS, timeout=120) as client,
@@ -332,15 +333,10 @@ async def test_32_verifications_at_once_neither_fail_nor_stall_others(server_url
         answers = await asyncio.gather(*(client.post("/v1/audit/verify", json={}) for _ in range(32)))
         seconds = time.perf_counter() - started
     statuses = [a.status_code for a in answers]
-    print(
-        f"\n32 verifications in {seconds:.1f} s: {statuses.count(200)} ok, {statuses.count(503)} 503; {probe.summary()}"
-    )
-    assert set(statuses) <= {200, 503} and 200 in statuses
-    for answer in answers:
-        if answer.status_code == 503:
-            assert answer.json()["code"] == "overloaded" and answer.headers["retry-after"]
-        else:
-            assert answer.json()["ok"] is True
+    reports = {json.dumps(a.json(), sort_keys=True) for a in answers}
+    print(f"\n32 verifications in {seconds:.1f} s, {len(reports)} distinct reports; {probe.summary()}")
+    assert statuses == [200] * 32 and all(answer.json()["ok"] is True for answer in answers)
+    assert len(reports) <= 2, "at most two runs answered the burst"
     assert set(probe.statuses) == {200} and max(probe.latencies) < 1.0, probe.summary()
 
 
