@@ -34,6 +34,7 @@ _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 access_logger = logging.getLogger("ledger.access")
 
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 # What database errors say about the values of a statement: PostgreSQL's DETAIL line
@@ -94,8 +95,12 @@ class Metrics:
         self.latency_buckets: dict[str, list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS_SECONDS))
         self.latency_sum: dict[str, float] = defaultdict(float)
         self.latency_count: dict[str, int] = defaultdict(int)
+        self.group_buckets = [0] * len(GROUP_BUCKETS)
+        self.group_transfers = 0
+        self.group_count = 0
         self.pool: Any = None
         self.unit_of_work: Any = None
+        self.groups: Any = None
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests[(method, route, status)] += 1
@@ -105,6 +110,14 @@ class Metrics:
                 self.latency_buckets[key][index] += 1
         self.latency_sum[key] += seconds
         self.latency_count[key] += 1
+
+    def group(self, transfers: int) -> None:
+        """A group transaction of `transfers` transfers started (ledger.service.groups)."""
+        for index, bound in enumerate(GROUP_BUCKETS):
+            if transfers <= bound:
+                self.group_buckets[index] += 1
+        self.group_transfers += transfers
+        self.group_count += 1
 
     def transfer_outcome(self, code: str) -> None:
         self.transfer_outcomes[code] += 1
@@ -155,6 +168,21 @@ class Metrics:
         ]
         for code, count in sorted(self.unavailable_answers.items()):
             lines.append(f'ledger_unavailable_total{{{process},code="{code}"}} {count}')
+        lines += [
+            "# HELP ledger_group_transfers Transfers per group transaction (group commit).",
+            "# TYPE ledger_group_transfers histogram",
+        ]
+        for bound, count in zip(GROUP_BUCKETS, self.group_buckets, strict=True):
+            lines.append(f'ledger_group_transfers_bucket{{{process},le="{bound}"}} {count}')
+        lines.append(f'ledger_group_transfers_bucket{{{process},le="+Inf"}} {self.group_count}')
+        lines.append(f"ledger_group_transfers_sum{{{process}}} {self.group_transfers}")
+        lines.append(f"ledger_group_transfers_count{{{process}}} {self.group_count}")
+        if self.groups is not None:
+            lines += [
+                "# HELP ledger_group_queue Transfers waiting for a group transaction.",
+                "# TYPE ledger_group_queue gauge",
+                f"ledger_group_queue{{{process}}} {self.groups.queued}",
+            ]
         if self.pool is not None:
             lines += [
                 "# HELP ledger_pool_connections Database connections by state.",

@@ -80,6 +80,16 @@ class Settings:
     statement_timeout_ms: int = 10000
     idle_in_transaction_timeout_ms: int = 30000
 
+    # Group commit (ledger.service.groups): transfers that arrive while transactions are
+    # in flight share the next one. At most `group_concurrency` group transactions at once
+    # per process, each of at most `group_max_transfers` transfers (a batch is never
+    # split), at most `group_queue_limit` transfers waiting (past it: 503 overloaded); a
+    # group waits `group_lock_timeout_ms` for a lock before it splits into its members.
+    group_concurrency: int = 2
+    group_max_transfers: int = 1000
+    group_queue_limit: int = 20_000
+    group_lock_timeout_ms: int = 250
+
     # Whole-transaction retries on serialization failures and deadlocks.
     max_retries: int = 5
     retry_base_delay_ms: int = 5
@@ -133,6 +143,10 @@ class Settings:
             "export_timeout_seconds": self.export_timeout_seconds,
             "export_concurrency": self.export_concurrency,
             "checkpoint_keep": self.checkpoint_keep,
+            "group_concurrency": self.group_concurrency,
+            "group_max_transfers": self.group_max_transfers,
+            "group_queue_limit": self.group_queue_limit,
+            "group_lock_timeout_ms": self.group_lock_timeout_ms,
             "max_page_size": self.max_page_size,
             "default_page_size": self.default_page_size,
         }

@@ -143,6 +143,12 @@ class Bench:
                 self.process.kill()
                 self.process.wait(5)
 
+    def protocol_doubts(self) -> list[str]:
+        """Log lines, at any level, that show a connection reused while its protocol state
+        was in doubt (asyncpg: "another operation is in progress")."""
+        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
+        return [line for line in lines if "another operation" in line or "cannot switch to state" in line]
+
     def errors_logged(self) -> list[str]:
         """Error-level lines of the service's JSON log (a 500 logs one)."""
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
@@ -431,11 +437,15 @@ async def pg_backend_kill(bench_: Bench, record: Record, phase: float, load: Loa
 
 async def pg_terminate(bench_: Bench, record: Record, phase: float, load: Load) -> dict:
     """Fault: `pg_terminate_backend` on every session of the service, every 100 ms for
-    `phase` seconds, under load. Pass: the invariants; the pool heals (first
-    acknowledgement within 10 s after the last termination)."""
+    `phase` seconds, under load, while reservations of 1 s keep expiring (so the expiry
+    sweeper works through the storm too). Pass: the invariants; the pool heals (first
+    acknowledgement within 10 s after the last termination); no connection is reused
+    while its protocol state is in doubt (no "another operation is in progress" in the
+    log, at any level)."""
     terminated = 0
     deadline = time.monotonic() + phase
     connection = await asyncpg.connect(bench_.database_url)
+    reserving = asyncio.create_task(_reserve(bench_, load, deadline))
     try:
         while time.monotonic() < deadline:
             terminated += await connection.fetchval(
@@ -445,7 +455,26 @@ async def pg_terminate(bench_: Bench, record: Record, phase: float, load: Load) 
             await asyncio.sleep(0.1)
     finally:
         await connection.close()
-    return {"back_at": time.monotonic(), "sessions_terminated": terminated}
+        reservations = await reserving
+    return {"back_at": time.monotonic(), "sessions_terminated": terminated, "reservations": reservations}
+
+
+async def _reserve(bench_: Bench, load: Load, until: float) -> int:
+    """Reservations of 1 unit that expire after 1 s, every 20 ms until `until`: whatever
+    the answers (503s included), some expire while sessions are being terminated."""
+    made = 0
+    async with bench_.session(timeout=15) as http:
+        while time.monotonic() < until:
+            body = {"id": f"{load.prefix}-hold-{made}", "debit_account_id": load.accounts[0],
+                    "credit_account_id": load.accounts[1], "amount": 1, "pending": True, "timeout_seconds": 1}  # fmt: skip
+            made += 1
+            try:
+                async with http.post(f"{bench_.base_url}/v1/transfers", json=body) as response:
+                    await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.02)
+    return made
 
 
 async def stuck_lock(bench_: Bench, record: Record, phase: float, load: Load) -> dict:
@@ -607,6 +636,7 @@ async def run_scenario(name: str, bench_: Bench, *, clients: int = 8, phase: flo
         "codes_503": dict(record.codes_503),
         "recovery_seconds": round(recovery, 3) if recovery is not None else None,
         "errors_logged": len(bench_.errors_logged()),
+        "protocol_doubts": bench_.protocol_doubts()[:3],
         "error_examples": [line[-1500:] for line in bench_.errors_logged()[:2]],
         **fault,
         **comparison,
@@ -634,6 +664,8 @@ def failures(report: dict) -> list[str]:
         problems.append(f"a 503 took {report['longest_503_seconds']} s (bound {MAX_503_SECONDS})")
     if report["recovery_seconds"] is None or report["recovery_seconds"] > RECOVERY_BOUND_SECONDS:
         problems.append(f"recovery took {report['recovery_seconds']} s (bound {RECOVERY_BOUND_SECONDS})")
+    if report.get("protocol_doubts"):
+        problems.append(f"a connection was reused while its protocol state was in doubt: {report['protocol_doubts']}")
     if report["acknowledged_before_fault"] == 0:
         problems.append("no transfer was acknowledged before the fault: the load did not run")
     if report.get("exit_seconds", 0) > 10:

@@ -17,7 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 
 from ledger import __version__
-from ledger.database import create_audit_engine, create_engine, create_session_factory
+from ledger.database import create_audit_engine, create_engine
 from ledger.http.audit import AuditController, Verifications, verify_with_checkpoint
 from ledger.http.body import check_request_body
 from ledger.http.health import live, metrics_endpoint, ready
@@ -29,9 +29,9 @@ from ledger.integrity import Keyring, load_keyring
 from ledger.migrate import head_revision
 from ledger.observability import Metrics, request_id_middleware
 from ledger.service.accounts import AccountService
-from ledger.service.batches import BatchService
 from ledger.service.checkpoints import run_checkpointer
 from ledger.service.expiry import run_sweeper
+from ledger.service.groups import GroupCommitter, GroupLocker, lock_group
 from ledger.service.keys import KeyRing
 from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import LedgerQueries
@@ -48,15 +48,20 @@ class Ledger:
 
     unit_of_work: UnitOfWork
     accounts: AccountService
+    groups: GroupCommitter
     transfers: TransferService
-    batches: BatchService
     queries: LedgerQueries
 
 
 def create_app(
-    settings: Settings | None = None, *, locker: AccountLocker = lock_accounts, keyring: Keyring | None = None
+    settings: Settings | None = None,
+    *,
+    locker: AccountLocker = lock_accounts,
+    group_locker: GroupLocker = lock_group,
+    keyring: Keyring | None = None,
 ) -> Litestar:
-    """Build the app. `locker` exists so that tests can prove the lock order matters.
+    """Build the app. `locker` and `group_locker` exist so that tests can prove the lock
+    order matters.
     The chain keys come from `keyring`, else from the settings (`LEDGER_CHAIN_KEYS` or the
     key file, which `ledger serve` creates at the first start)."""
     settings = settings or Settings.from_env()
@@ -87,11 +92,22 @@ def create_app(
             slots=max(1, settings.audit_pool_size - 1),
         )
         app.state.chain = keyring
+        groups = GroupCommitter(
+            unit_of_work,
+            chain,
+            max_transfers=settings.group_max_transfers,
+            queue_limit=settings.group_queue_limit,
+            concurrency=settings.group_concurrency,
+            lock_timeout_ms=settings.group_lock_timeout_ms,
+            lock=group_locker,
+            on_group=metrics.group,
+        )
+        metrics.groups = groups
         app.state.ledger = Ledger(
             unit_of_work=unit_of_work,
             accounts=AccountService(unit_of_work, chain),
-            transfers=TransferService(unit_of_work, chain, locker),
-            batches=BatchService(unit_of_work, chain, locker),
+            groups=groups,
+            transfers=TransferService(unit_of_work, chain, groups, locker),
             queries=LedgerQueries(unit_of_work),
         )
         tasks = []
@@ -99,7 +115,7 @@ def create_app(
             tasks.append(
                 asyncio.create_task(
                     run_sweeper(
-                        create_session_factory(engine),
+                        unit_of_work,
                         settings.expiry_sweep_interval_seconds,
                         settings.expiry_sweep_limit,
                         chain,
@@ -128,6 +144,7 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await groups.close()
             await engine.dispose()
             await audit_engine.dispose()
 

@@ -10,6 +10,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from sqlalchemy import text
 
 from ledger.http.schemas import Health
+from ledger.service.unit_of_work import in_doubt, invalidate
 
 READINESS_TIMEOUT_SECONDS = 2.0
 
@@ -29,9 +30,14 @@ async def live() -> Health:
 async def ready(state: State) -> Response[Health]:
     """200 when the database answers and its schema is at this build's migration head."""
     try:
-        async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
-            async with state.engine.connect() as connection:
-                version = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+        async with state.engine.connect() as connection:
+            try:
+                async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
+                    version = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+            except BaseException as error:
+                if in_doubt(error):  # a timed-out query: never hand this connection to anyone
+                    await invalidate(connection)
+                raise
     except Exception as error:  # any failure to answer means: not ready
         return Response(Health(status="unavailable", checks={"database": type(error).__name__}), status_code=503)
     if version != state.schema_head:

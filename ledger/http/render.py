@@ -11,7 +11,7 @@ from ledger.http.schemas import (
     TransferOut,
     format_timestamp,
 )
-from ledger.service.batches import BatchResult
+from ledger.service.groups import BatchResult
 from ledger.service.records import AccountRecord, BalanceRecord, EntryRecord, TransferRecord
 
 

@@ -283,7 +283,7 @@ class TransferController(Controller):
                 f"a batch holds at most {state.settings.max_batch_size} transfers, got {len(body.transfers)}"
             )
         items = [BatchItem(request=_transfer_request(item), linked=item.linked) for item in body.transfers]
-        results = await state.ledger.batches.create(items)
+        results = await state.ledger.transfers.create_batch(items)
         for result in results:
             state.metrics.transfer_outcome(result.status if result.status != "rejected" else result.code or "rejected")
         return BatchOut(results=[batch_result_out(result) for result in results])

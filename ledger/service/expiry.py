@@ -20,14 +20,13 @@ from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ledger.domain import LockedAccount, PendingTransfer, release
 from ledger.integrity import ChainKey
 from ledger.models import Transfer
 from ledger.service.locking import LOCKED_COLUMNS, locked_account
 from ledger.service.records import TransferRecord
-from ledger.service.unit_of_work import Executor, sqlstate, translate
+from ledger.service.unit_of_work import Executor, UnitOfWork, sqlstate, translate
 from ledger.service.writer import Writes, write
 
 logger = logging.getLogger("ledger.expiry")
@@ -95,16 +94,18 @@ async def release_due(session: Executor, accounts: dict[str, LockedAccount], now
     return {row["id"] for row in rows}
 
 
-async def sweep_once(session_factory: async_sessionmaker[AsyncSession], limit: int, key: ChainKey) -> int:
-    """Release up to `limit` due reservations; return how many."""
-    async with session_factory() as session:
-        claimed = (await session.execute(CLAIM, {"limit": limit})).mappings().all()
+async def sweep_once(unit_of_work: UnitOfWork, limit: int, key: ChainKey) -> int:
+    """Release up to `limit` due reservations; return how many. Through the unit of work,
+    like every other transaction: a connection left in doubt is discarded, never reused."""
+
+    async def work(connection: Executor) -> int:
+        claimed = (await connection.execute(CLAIM, {"limit": limit})).mappings().all()
         if not claimed:
             return 0
         now = claimed[0]["now"]
         ids = sorted({row["debit_account_id"] for row in claimed} | {row["credit_account_id"] for row in claimed})
         try:
-            rows = (await session.execute(LOCK_NOWAIT, {"ids": ids})).mappings().all()
+            rows = (await connection.execute(LOCK_NOWAIT, {"ids": ids})).mappings().all()
         except Exception as error:
             if sqlstate(error) == "55P03":  # lock_not_available: an account is busy, let go
                 return 0
@@ -113,18 +114,18 @@ async def sweep_once(session_factory: async_sessionmaker[AsyncSession], limit: i
         writes = Writes()
         for row in claimed:
             expire(TransferRecord.from_row(row), accounts, now, writes)
-        await write(session, writes, key)
-        await session.commit()
+        await write(connection, writes, key)
+        await connection.commit()
         return len(claimed)
 
+    return await unit_of_work.run(work)
 
-async def run_sweeper(
-    session_factory: async_sessionmaker[AsyncSession], interval_seconds: float, limit: int, key: ChainKey
-) -> None:
+
+async def run_sweeper(unit_of_work: UnitOfWork, interval_seconds: float, limit: int, key: ChainKey) -> None:
     """Sweep forever (until cancelled): at once again while batches come back full."""
     while True:
         try:
-            released = await sweep_once(session_factory, limit, key)
+            released = await sweep_once(unit_of_work, limit, key)
         except asyncio.CancelledError:
             raise
         except Exception as error:

@@ -1,29 +1,15 @@
-"""Applying a transfer, and deciding on it later (post, void, reverse): where money moves.
+"""Where money moves: new transfers through group commit, and decisions on existing ones
+(post, void, reverse).
 
-Creating a transfer is one database transaction:
+Creating transfers (single ones and batches) is `ledger.service.groups`: one write path,
+which gathers the requests that arrive while a transaction is in flight into the next
+one. A lone transfer is a group of one: four round trips (BEGIN, the ordered lock, one
+write statement, COMMIT).
 
-1. Lock both accounts with one ordered `SELECT ... FOR UPDATE` (see `locking`), and
-   release their reservations that are past expiry (lazy expiry, see `expiry`).
-2. In a savepoint, decide in memory (`ledger.domain.decide_transfer`) and write the
-   transfer, its journal entries and the account states in one statement (`writer`).
-   A refusal, or a constraint the database enforces (the same invariants again), rolls
-   back to the savepoint and the refusal is recorded instead, in the same transaction:
-   the id's outcome is permanent either way. If the id already has an outcome (a
-   replay, or another request with the same id that got there first), the write stores
-   nothing, the savepoint rolls back, and the stored outcome is returned: a replay when
-   the request is the same, 409 when its fields differ.
-3. Commit.
-
-The common case runs on the asyncpg connection itself, in four round trips: BEGIN, the
-same ordered lock statement, one write statement, COMMIT (`_create_fast`). It handles
-only a new transfer that is decided as applied, on accounts with no reservation to
-release. Anything else (a refusal, an existing id, a due reservation, a constraint the
-database enforces) rolls the whole transaction back and takes the general path above,
-which decides again under fresh locks and records the outcome in its savepoint: the two
-paths share the lock statement and the decision, so they cannot disagree.
-
-Post, void and reverse lock the accounts first too, then the transfer's row, so they
-serialise with each other and with expiry: one decision wins, the others see it.
+Post, void and reverse lock the accounts first too (the same ordered statement), then the
+transfer's row, so they serialise with each other, with groups and with expiry: one
+decision wins, the others see it. Each is one transaction; a refusal of a reversal is
+recorded in a savepoint, so the id's outcome is permanent either way.
 """
 
 from __future__ import annotations
@@ -33,11 +19,10 @@ import json
 from dataclasses import replace
 from datetime import datetime
 
-import asyncpg
 from sqlalchemy import bindparam, select
-from sqlalchemy import exc as sa_exc
 
 from ledger.domain import (
+    BatchItem,
     PendingTransfer,
     TransferRequest,
     check_decision,
@@ -49,72 +34,38 @@ from ledger.errors import DecisionRefused, TransferExistsWithDifferentFields, Tr
 from ledger.integrity import ChainKey
 from ledger.models import Transfer
 from ledger.service.expiry import STORED_TRANSFER_COLUMNS, pending_transfer, release_due
-from ledger.service.locking import LOCK_SQL, AccountLocker, lock_accounts, locked_account
+from ledger.service.groups import BatchMember, BatchResult, GroupCommitter, TransferMember
+from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import TRANSFER_COLUMNS
 from ledger.service.records import TransferOutcome, TransferRecord, created_record, rejected_record
-from ledger.service.unit_of_work import Executor, UnitOfWork, constraint_name
-from ledger.service.writer import WRITE_ONE_SQL, IdsClaimed, Writes, write, write_one_arguments
-
-# A violated CHECK on these means the database caught what the Python decision should
-# have: the refusal is recorded all the same, and the disagreement is a bug to look at.
-CONSTRAINT_REFUSALS = {
-    "ck_accounts_balance_not_negative": "insufficient_funds",
-    "ck_transfers_accounts_different": "accounts_must_be_different",
-}
+from ledger.service.unit_of_work import Executor, UnitOfWork
+from ledger.service.writer import IdsClaimed, Writes, write
 
 # The row as stored (not its effective status): its change is sealed from these values.
 LOCK_TRANSFER = select(*STORED_TRANSFER_COLUMNS).where(Transfer.id == bindparam("id")).with_for_update()
 
 
 class TransferService:
-    def __init__(self, unit_of_work: UnitOfWork, key: ChainKey, locker: AccountLocker = lock_accounts) -> None:
+    def __init__(
+        self, unit_of_work: UnitOfWork, key: ChainKey, groups: GroupCommitter, locker: AccountLocker = lock_accounts
+    ) -> None:
         self._unit_of_work = unit_of_work
         self._key = key
+        self._groups = groups
         self._lock = locker
-        # The driver path uses the standard lock statement; a substituted locker (tests
-        # prove that a broken one is caught) must see every transfer.
-        self._fast = locker is lock_accounts
 
     # -- create ---------------------------------------------------------------------
 
     async def create(self, request: TransferRequest) -> TransferOutcome:
-        if self._fast:
-            outcome = await self._unit_of_work.run_on_driver(lambda driver: _create_fast(driver, request, self._key))
-            if outcome is not None:
-                return outcome
+        """Apply a transfer once per id (in the next group); a 409 is raised."""
+        request.fingerprint()  # hashed now, not while a group holds the locks
+        return await self._groups.submit(TransferMember(request))
 
-        async def work(session: Executor) -> TransferOutcome:
-            outcome = await self._create(session, request)
-            await session.commit()
-            return outcome
-
-        return await self._unit_of_work.run(work)
-
-    async def _create(self, session: Executor, request: TransferRequest) -> TransferOutcome:
-        # No read of the id first: the write below stores the id only if it is new, and
-        # otherwise rolls back to its savepoint and answers with the stored outcome. New
-        # transfers (the common case) save a round trip; replays cost a lock instead.
-        fingerprint = request.fingerprint()
-        accounts, now = await self._lock(session, (request.debit_account_id, request.credit_account_id))
-        writes = Writes()
-        await release_due(session, accounts, now, writes)
-        try:
-            async with session.begin_nested():
-                plan = decide_transfer(request, accounts, now, self._key)
-                record = created_record(request, plan, fingerprint)
-                writes.new_transfer(record)
-                writes.plan(request.id, plan)
-                await write(session, writes, self._key)
-        except TransferRefused as refusal:
-            return await record_rejection(session, request, refusal.reason, now, self._key)
-        except IdsClaimed:
-            return await replay_winner(session, request.id, fingerprint)
-        except sa_exc.IntegrityError as error:
-            reason = CONSTRAINT_REFUSALS.get(constraint_name(error) or "")
-            if reason is None:
-                raise
-            return await record_rejection(session, request, reason, now, self._key)
-        return TransferOutcome(record, replayed=False)
+    async def create_batch(self, items: list[BatchItem]) -> list[BatchResult]:
+        """Apply a batch's items in order (in the next group, whole)."""
+        for item in items:
+            item.request.fingerprint()
+        return await self._groups.submit(BatchMember(items))
 
     # -- post and void --------------------------------------------------------------
 
@@ -224,33 +175,6 @@ class TransferService:
             return outcome
 
         return await self._unit_of_work.run(work)
-
-
-async def _create_fast(driver: asyncpg.Connection, request: TransferRequest, key: ChainKey) -> TransferOutcome | None:
-    """The common case in four round trips, or None (nothing written) for the general path."""
-    await driver.execute("BEGIN")
-    outcome = await _apply_fast(driver, request, key)
-    await driver.execute("COMMIT" if outcome is not None else "ROLLBACK")
-    return outcome
-
-
-async def _apply_fast(driver: asyncpg.Connection, request: TransferRequest, key: ChainKey) -> TransferOutcome | None:
-    rows = await driver.fetch(LOCK_SQL, sorted({request.debit_account_id, request.credit_account_id}))
-    if len(rows) != 2 or any(row["has_due"] for row in rows):
-        return None  # a missing account, one account on both sides, or a reservation to release
-    accounts = {row["id"]: locked_account(row) for row in rows}
-    try:
-        plan = decide_transfer(request, accounts, rows[0]["now"], key)
-    except TransferRefused:
-        return None  # the general path records the refusal
-    record = created_record(request, plan, request.fingerprint())
-    try:
-        written = await driver.fetchval(WRITE_ONE_SQL, *write_one_arguments(record, plan, key))
-    except asyncpg.IntegrityConstraintViolationError:
-        return None  # the database refused what the decision allowed: the general path records it
-    if not written:
-        return None  # the id has an outcome already (a replay, or a concurrent request got there first)
-    return TransferOutcome(record, replayed=False)
 
 
 def _with_status(transfer: PendingTransfer, status: str) -> PendingTransfer:

@@ -144,6 +144,10 @@ class UnitOfWork:
         # Units of work waiting for a pooled connection right now (a gauge for /metrics).
         self.waiting = 0
 
+    @property
+    def lock_timeout_seconds(self) -> float:
+        return self._settings.lock_timeout_ms / 1000
+
     async def run(self, work: Callable[[Executor], Awaitable[T]]) -> T:
         return await self._run(work, on_driver=False)
 
@@ -174,7 +178,7 @@ class UnitOfWork:
                         self.waiting -= 1
                     if driver is None:
                         # Leaving this block without commit rolls back.
-                        return await work(executor)
+                        return await _on_sqlalchemy(connection, executor, work)
                     return await _on_driver(connection, driver, work)
             except Exception as error:
                 if is_retryable(error) and attempt < attempts:
@@ -221,6 +225,35 @@ async def _on_driver(connection: AsyncConnection, driver: asyncpg.Connection, wo
             except Exception:
                 await connection.invalidate()
         raise
+
+
+async def _on_sqlalchemy(connection: AsyncConnection, executor: Executor, work: Callable[[Any], Awaitable[T]]) -> T:
+    try:
+        return await work(executor)
+    except BaseException as error:
+        if in_doubt(error):
+            # Returned to the pool as it is, its next user would find asyncpg mid-operation
+            # ("cannot switch to state ...; another operation is in progress").
+            await invalidate(connection)
+        raise
+
+
+def in_doubt(error: BaseException) -> bool:
+    """Whether a connection that raised `error` may be in an unknown protocol state: a
+    cancelled or timed-out operation, a broken socket, a terminated session, anything but
+    an error the server reported on a statement (or the work's own errors)."""
+    if isinstance(error, asyncio.CancelledError | TimeoutError | OSError):
+        return True
+    if isinstance(error, DATABASE_ERRORS):
+        return not sqlstate(error) or is_connection_lost(error)
+    return False
+
+
+async def invalidate(connection: AsyncConnection) -> None:
+    """Discard a connection instead of returning it to the pool; never raises (the
+    connection may already be gone)."""
+    with contextlib.suppress(Exception):
+        await connection.invalidate()
 
 
 def _connection_in_doubt(error: BaseException, driver: asyncpg.Connection) -> bool:

@@ -126,17 +126,15 @@ def transfer_seal(key: ChainKey, record: TransferRecord) -> bytes:
     return seal(key, transfer_message(key.id, record))
 
 
-async def write(session: Executor, writes: Writes, key: ChainKey) -> None:
-    """Write everything in one statement; transfer rows are sealed with `key`, the key
-    that also hashed the entries (every entry of a transaction uses the active key)."""
-    if not writes:
-        return
+def write_parameters(writes: Writes, key: ChainKey) -> dict[str, Any]:
+    """WRITE's parameters: transfer rows sealed with `key`, the key that also hashed the
+    entries (every entry of a transaction uses the active key)."""
     if any(entry.key_id != key.id for entry in writes.entries):
         raise AssertionError("entries were hashed with another key than the one writing them")
     new = writes.transfers
     changes = list(writes.changes.values())
     accounts = list(writes.accounts.values())
-    parameters: dict[str, Any] = {
+    return {
         "expected": len(new),
         "seal_key": key.id,
         "t_ids": [t.id for t in new],
@@ -177,68 +175,14 @@ async def write(session: Executor, writes: Writes, key: ChainKey) -> None:
         "a_last_entry_hashes": [a.last_entry_hash for a in accounts],
         "a_last_entry_ats": [a.last_entry_at for a in accounts],
     }
-    inserted = set((await session.execute(WRITE, parameters)).scalar_one())
-    claimed = {t.id for t in new} - inserted
+
+
+async def write(session: Executor, writes: Writes, key: ChainKey) -> None:
+    """Write everything in one statement through SQLAlchemy (posts, voids, reversals,
+    expiry); raises IdsClaimed when another request stored one of the new ids first."""
+    if not writes:
+        return
+    inserted = set((await session.execute(WRITE, write_parameters(writes, key))).scalar_one())
+    claimed = {t.id for t in writes.transfers} - inserted
     if claimed:
         raise IdsClaimed(claimed)
-
-
-# The hot path's write (`TransferService.create`): one new transfer, its two journal
-# entries (none for a reservation: pass NULL account ids) and both accounts, with scalar
-# parameters. The set-based WRITE binds some 40 arrays even for one transfer, and array
-# encoding was a visible share of the service's CPU. Same rule as WRITE: when the id
-# already exists nothing is written, and the count says so.
-WRITE_ONE_SQL = """
-WITH new_transfer AS (
-    INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status,
-                           description, metadata, request_hash, created_at, updated_at, timeout_seconds, expires_at,
-                           seal, seal_key)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $11, $12, $13, $40, $41)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id
-), new_entries AS (
-    INSERT INTO entries (account_id, sequence, transfer_id, amount, balance_after, created_at, hash, key_id)
-    SELECT e.account_id, e.sequence, $1, e.amount, e.balance_after, $11, e.hash, $41
-    FROM (VALUES ($14::text, $15::bigint, $16::bigint, $17::bigint, $18::bytea),
-                 ($19::text, $20::bigint, $21::bigint, $22::bigint, $23::bytea))
-         AS e(account_id, sequence, amount, balance_after, hash)
-    WHERE e.account_id IS NOT NULL AND EXISTS (SELECT FROM new_transfer)
-), changed_accounts AS (
-    UPDATE accounts
-    SET debits_posted = a.debits_posted, credits_posted = a.credits_posted,
-        pending_debits = a.pending_debits, pending_credits = a.pending_credits,
-        entries_count = a.entries_count, last_entry_hash = a.last_entry_hash, last_entry_at = a.last_entry_at
-    FROM (VALUES ($24::text, $25::bigint, $26::bigint, $27::bigint, $28::bigint, $29::bigint, $30::bytea,
-                  $31::timestamptz),
-                 ($32::text, $33::bigint, $34::bigint, $35::bigint, $36::bigint, $37::bigint, $38::bytea,
-                  $39::timestamptz))
-         AS a(id, debits_posted, credits_posted, pending_debits, pending_credits, entries_count, last_entry_hash,
-              last_entry_at)
-    WHERE accounts.id = a.id AND EXISTS (SELECT FROM new_transfer)
-)
-SELECT count(*) FROM new_transfer
-"""
-
-
-def write_one_arguments(record: TransferRecord, plan: TransferPlan, key: ChainKey) -> list[Any]:
-    """WRITE_ONE_SQL's parameters, in order, for the row `record` decided by `plan`."""
-    arguments: list[Any] = [
-        record.id, record.debit_account_id, record.credit_account_id, record.amount, record.currency,
-        record.pending, record.status, record.description, json.dumps(record.metadata), record.request_hash,
-        record.created_at, record.timeout_seconds, record.expires_at,
-    ]  # fmt: skip
-    if len(plan.entries) not in (0, 2) or len(plan.accounts) != 2:
-        raise AssertionError("a single transfer writes two entries or none, and two accounts")
-    entries = plan.entries or (None, None)
-    for entry in entries:
-        if entry is None:
-            arguments += [None, None, None, None, None]
-        else:
-            arguments += [entry.account_id, entry.sequence, entry.amount, entry.balance_after, entry.hash]
-    for account in plan.accounts:
-        arguments += [
-            account.id, account.debits_posted, account.credits_posted, account.pending_debits,
-            account.pending_credits, account.entries_count, account.last_entry_hash, account.last_entry_at,
-        ]  # fmt: skip
-    arguments += [transfer_seal(key, record), key.id]
-    return arguments

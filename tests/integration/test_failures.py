@@ -12,11 +12,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import domain
-from ledger.database import create_session_factory
 from ledger.domain import TransferRequest
 from ledger.http.app import create_app
-from ledger.service import transfers as transfer_module
-from ledger.service.transfers import TransferService
+from ledger.service.groups import GroupCommitter, TransferMember
 from ledger.service.unit_of_work import UnitOfWork
 from ledger.settings import Settings
 from tests import provision
@@ -66,16 +64,28 @@ async def test_the_database_refuses_an_overdraft_the_code_let_through(
     client: AsyncTestClient, monkeypatch, uid: str
 ) -> None:
     """If the Python decision were wrong (simulated: it believes the account may go
-    negative), PostgreSQL's CHECK refuses the write, the savepoint rolls back, and the
-    refusal is recorded as insufficient_funds in the same transaction: no money moves."""
+    negative), PostgreSQL's CHECK refuses the group's write, the transaction rolls back,
+    and the refusal the constraint stands for is recorded as insufficient_funds: no money
+    moves."""
     await open_account(client, f"bank-{uid}", negative=True)
     await open_account(client, f"poor-{uid}")
 
-    def lenient(request, accounts, now, key):  # type: ignore[no-untyped-def]
-        accounts = {key: dataclasses.replace(value, allow_negative_balance=True) for key, value in accounts.items()}
-        return domain.decide_transfer(request, accounts, now, key)
+    decide = domain.decide_transfer
 
-    monkeypatch.setattr(transfer_module, "decide_transfer", lenient)
+    def lenient(request, accounts, now, key):  # type: ignore[no-untyped-def]
+        # The decision sees the account as one that may go negative; the stored row (which
+        # PostgreSQL checks) does not change.
+        believed = {k: dataclasses.replace(value, allow_negative_balance=True) for k, value in accounts.items()}
+        plan = decide(request, believed, now, key)
+        return dataclasses.replace(
+            plan,
+            accounts=tuple(
+                dataclasses.replace(a, allow_negative_balance=accounts[a.id].allow_negative_balance)
+                for a in plan.accounts
+            ),
+        )
+
+    monkeypatch.setattr(domain, "decide_transfer", lenient)
     response = await transfer(client, f"over-{uid}", f"poor-{uid}", f"bank-{uid}", 50)
     assert_problem(response, 422, "insufficient_funds")
     monkeypatch.undo()
@@ -84,17 +94,21 @@ async def test_the_database_refuses_an_overdraft_the_code_let_through(
     assert (await client.get(f"/v1/transfers/over-{uid}")).json()["status"] == "rejected"
 
 
-async def test_losing_the_race_for_an_id_rolls_back_to_the_savepoint_and_replays_the_winner(
+async def test_losing_the_race_for_an_id_rolls_back_and_replays_the_winner(
     client: AsyncTestClient, engine: AsyncEngine, settings: Settings, uid: str
 ) -> None:
     """Another transaction inserts the same transfer id first and commits while the
-    service is applying it: the service's insert waits on the unique key, then fails,
-    its savepoint rolls back (no entries, no balance change) and it returns the winner's
-    outcome as a replay. (Called through the service: the in-process HTTP test client
-    would block this test's event loop while the request waits.)"""
+    service is applying it: the group's insert waits on the unique key, then skips it,
+    the group rolls back (no entries, no balance change) and runs again, which finds the
+    winner's outcome and answers it as a replay. (Called through the service: the
+    in-process HTTP test client would block this test's event loop while the request
+    waits.)"""
     await open_account(client, f"bank-{uid}", negative=True)
     await open_account(client, f"gina-{uid}")
-    service = TransferService(UnitOfWork(create_session_factory(engine), settings), provision.KEYRING.active)
+    service = GroupCommitter(
+        UnitOfWork(engine.connect, settings), provision.KEYRING.active, max_transfers=10, queue_limit=10,
+        concurrency=1, lock_timeout_ms=250,
+    )  # fmt: skip
     request = TransferRequest(
         id=f"race-{uid}", debit_account_id=f"bank-{uid}", credit_account_id=f"gina-{uid}", amount=9
     )
@@ -113,7 +127,7 @@ async def test_losing_the_race_for_an_id_rolls_back_to_the_savepoint_and_replays
                 "hash": request.fingerprint(),
             },
         )
-        pending = asyncio.create_task(service.create(request))
+        pending = asyncio.create_task(service.submit(TransferMember(request)))
         await asyncio.sleep(0.5)
         assert not pending.done(), "the service should be waiting on the unique key"
         await transaction.commit()

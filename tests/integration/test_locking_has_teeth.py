@@ -22,15 +22,20 @@ TRANSFERS = 64
 
 
 def _settings(service_database_url: str) -> Settings:
-    return provision.settings_for(service_database_url, pool_size=30, max_overflow=10)
+    # Many small groups at once: concurrent transactions that share accounts, which is
+    # where a broken lock discipline shows.
+    return provision.settings_for(
+        service_database_url, pool_size=30, max_overflow=10, group_concurrency=8, group_max_transfers=4
+    )
 
 
 async def test_locking_accounts_in_request_order_deadlocks(
     service_database_url: str, engine: AsyncEngine, uid: str
 ) -> None:
-    """Locks taken one by one in request order (debit, then credit): opposite transfers
-    deadlock, and the scenario's check of pg_stat_database.deadlocks reports it."""
-    app = create_app(_settings(service_database_url), locker=lock_in_request_order)
+    """Locks taken one by one in the order the group's requests name them (debit, then
+    credit): groups with opposite transfers deadlock, and the scenario's check of
+    pg_stat_database.deadlocks reports it."""
+    app = create_app(_settings(service_database_url), group_locker=lock_in_request_order)
     async with serving(app) as base_url:
         report = await run_bank_scenario(base_url, engine, prefix=f"unordered-{uid}", clients=64, transfers=TRANSFERS)
     violations = await find_violations(report, engine)
@@ -40,9 +45,9 @@ async def test_locking_accounts_in_request_order_deadlocks(
 async def test_reading_accounts_without_for_update_is_caught(
     service_database_url: str, engine: AsyncEngine, uid: str
 ) -> None:
-    """Without FOR UPDATE two transfers decide on the same stale balance and sequence:
+    """Without FOR UPDATE two groups decide on the same stale balances and sequences:
     the scenario sees server errors or corrupted journals and balances."""
-    app = create_app(_settings(service_database_url), locker=read_without_for_update)
+    app = create_app(_settings(service_database_url), group_locker=read_without_for_update)
     async with serving(app) as base_url:
         report = await run_bank_scenario(base_url, engine, prefix=f"nolock-{uid}", clients=64, transfers=TRANSFERS)
     violations = await find_violations(report, engine)
