@@ -89,6 +89,7 @@ class Settings:
     group_max_transfers: int = 1000
     group_queue_limit: int = 20_000
     group_lock_timeout_ms: int = 250
+    group_overlap_min: int = 1
 
     # Whole-transaction retries on serialization failures and deadlocks.
     max_retries: int = 5
@@ -147,6 +148,7 @@ class Settings:
             "group_max_transfers": self.group_max_transfers,
             "group_queue_limit": self.group_queue_limit,
             "group_lock_timeout_ms": self.group_lock_timeout_ms,
+            "group_overlap_min": self.group_overlap_min,
             "max_page_size": self.max_page_size,
             "default_page_size": self.default_page_size,
         }

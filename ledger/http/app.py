@@ -99,6 +99,8 @@ def create_app(
             queue_limit=settings.group_queue_limit,
             concurrency=settings.group_concurrency,
             lock_timeout_ms=settings.group_lock_timeout_ms,
+            overlap_min=settings.group_overlap_min,
+            queue_timeout_seconds=settings.pool_timeout_seconds,
             lock=group_locker,
             on_group=metrics.group,
         )

@@ -25,10 +25,13 @@ failure, a lost connection or a commit in doubt re-runs the whole group (every m
 idempotent by id: what did commit comes back as replays); an id stored concurrently by
 another transaction rolls the group back and re-runs it; a lock held elsewhere past the
 group's short lock timeout, or a database constraint the decision did not predict, splits
-the group, and each member runs again alone, where the first waits the full lock timeout
-and the second is recorded as the refusal the constraint stands for, as before groups
-existed. A member whose client has gone is still applied if its group had formed, and
-dropped if not: either way a retry by id settles it.
+the group, and each member runs again alone: after a stuck lock all at once (each waits
+the full lock timeout at most); after a constraint, one after another in arrival order,
+the violating member being recorded as the refusal the constraint stands for. A member
+whose client has gone is still applied if its group had formed, and dropped if not:
+either way a retry by id settles it. A member still queued after the pool timeout (every
+transaction slot stuck behind a lock held elsewhere) is answered 503 `overloaded`
+without having started.
 """
 
 from __future__ import annotations
@@ -313,6 +316,8 @@ async def record_refusal(driver: asyncpg.Connection, request: TransferRequest, r
 class _Waiting:
     member: Member
     answer: asyncio.Future[Any]
+    # Answers 503 if the member is still queued when it fires; cancelled when it starts.
+    deadline: asyncio.TimerHandle | None = None
 
 
 class GroupCommitter:
@@ -327,6 +332,8 @@ class GroupCommitter:
         queue_limit: int,
         concurrency: int,
         lock_timeout_ms: int,
+        queue_timeout_seconds: float = 5.0,
+        overlap_min: int = 1,
         lock: GroupLocker = lock_group,
         on_group: Callable[[int], None] | None = None,
     ) -> None:
@@ -335,6 +342,8 @@ class GroupCommitter:
         self._max_transfers = max_transfers
         self._queue_limit = queue_limit
         self._concurrency = concurrency
+        self._overlap_min = overlap_min
+        self._queue_timeout = queue_timeout_seconds
         self._lock_timeout_ms = lock_timeout_ms
         self._lock = lock
         self._on_group = on_group
@@ -360,11 +369,18 @@ class GroupCommitter:
                 f"{self._queued_transfers} transfers are waiting for a transaction (LEDGER_GROUP_QUEUE_LIMIT); "
                 "retry with the same id"
             )
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(member, answer))
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(member, loop.create_future())
+        self._queue.append(waiting)
         self._queued_transfers += count
         self._dispatch()
-        return await answer
+        if self._queue and self._queue[-1] is waiting:
+            # A write path stalled behind a lock held elsewhere must not hold every other
+            # client without bound: like a wait for a pooled connection, a wait for a
+            # place in a transaction ends in 503 after the pool timeout. Nothing of the
+            # member was started, so a retry with the same id is safe.
+            waiting.deadline = loop.call_later(self._queue_timeout, _expire, waiting)
+        return await waiting.answer
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.create_task(work)
@@ -384,13 +400,23 @@ class GroupCommitter:
         return False
 
     def _dispatch(self) -> None:
-        while self._in_flight < self._concurrency and self._queue:
+        # With no group in flight, whatever is queued goes at once (a lone request waits for
+        # nothing). Another group overlaps the one in flight only when enough is queued to
+        # make it worth a transaction: otherwise a request that arrives just after a commit
+        # would take a transaction of its own while the rest queue behind it.
+        while (
+            self._queue
+            and self._in_flight < self._concurrency
+            and (self._in_flight == 0 or self._queued_transfers >= self._overlap_min)
+        ):
             group: list[_Waiting] = []
             transfers = 0
             while self._queue and (not group or transfers + size(self._queue[0].member) <= self._max_transfers):
                 waiting = self._queue.popleft()
                 self._queued_transfers -= size(waiting.member)
-                if waiting.answer.done():  # its client went away before the group formed
+                if waiting.deadline is not None:
+                    waiting.deadline.cancel()
+                if waiting.answer.done():  # its client went away, or it waited too long
                     continue
                 if self._touches_held(waiting.member):
                     self._spawn(self._run_alone(waiting))
@@ -406,7 +432,7 @@ class GroupCommitter:
         members = [waiting.member for waiting in group]
         if self._on_group is not None:
             self._on_group(sum(size(member) for member in members))
-        split = False
+        split = ""
         try:
             if len(group) == 1:
                 answers = [await self._alone(members[0])]
@@ -422,7 +448,7 @@ class GroupCommitter:
             # answered as soon as it is done. Until they have, their accounts are suspect:
             # new members touching them run alone too, so that no group waits on them.
             logger.info("splitting a group of %d after %s", len(group), type(error).__name__)
-            split = True
+            split = "concurrently" if isinstance(error, LockTimeout) else "in order"
             if isinstance(error, LockTimeout):
                 self._hold(members)
         except Exception as error:  # every member gets the group's failure (503, or a bug's 500)
@@ -430,12 +456,25 @@ class GroupCommitter:
         finally:
             self._in_flight -= 1
             self._dispatch()
+        if split == "in order":
+            # The members run alone one after another, in arrival order: each gets the
+            # answer the group would have given it, had the constraint not been violated.
+            self._spawn(self._run_in_order(group))
+            return
         if split:
+            # A stuck lock: in order, each member touching it would wait the lock timeout
+            # in turn. They were in flight together, so any order is one they could have
+            # run in alone; PostgreSQL's lock queue picks it, and nobody waits for more
+            # than one lock timeout.
             for waiting in group:
                 self._spawn(self._run_alone(waiting))
             return
         for waiting, answer in zip(group, answers, strict=True):
             _settle(waiting, answer)
+
+    async def _run_in_order(self, group: list[_Waiting]) -> None:
+        for waiting in group:
+            await self._run_alone(waiting)
 
     async def _run_alone(self, waiting: _Waiting) -> None:
         try:
@@ -478,6 +517,13 @@ class GroupCommitter:
         """Wait for the groups in flight (at shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _expire(waiting: _Waiting) -> None:
+    if not waiting.answer.done():
+        waiting.answer.set_exception(
+            Overloaded("no transaction could take this request within the pool timeout; retry with the same id")
+        )
 
 
 def _settle(waiting: _Waiting, answer: Any) -> None:

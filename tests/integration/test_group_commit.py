@@ -1,0 +1,272 @@
+"""Group commit keeps every member's own guarantees: a group mixing good transfers,
+refusals, a missing account, duplicate ids (same and different body), a linked chain that
+fails, and a member the database refuses although the decision let it through, answers
+each member exactly as the same requests sent one by one to a fresh ledger are answered;
+every acknowledged transfer is committed when its answer arrives. Two deliberately broken
+coalescers show that the comparison has teeth."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import asyncpg
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger import domain
+from ledger.domain import BatchItem, TransferRequest
+from ledger.errors import LedgerError, TransferRefused
+from ledger.service import groups
+from ledger.service.groups import BatchMember, BatchResult, GroupCommitter, TransferMember
+from ledger.service.records import TransferOutcome
+from ledger.service.unit_of_work import UnitOfWork
+from ledger.settings import Settings
+from tests import provision
+from tests.integration.helpers import open_account, transfer
+
+ACCOUNTS = ("bank", "alice", "bob", "carol", "poor", "tricky", "usd")
+
+
+def members(p: str, unpredicted: bool) -> list[groups.Member]:
+    """The mixed group, in arrival order, on the accounts of prefix `p`; with a member the
+    database refuses although the decision let it through if `unpredicted`."""
+
+    def request(name: str, debit: str, credit: str, amount: int, **fields: Any) -> TransferRequest:
+        return TransferRequest(
+            id=f"{p}-{name}", debit_account_id=f"{p}-{debit}", credit_account_id=f"{p}-{credit}", amount=amount,
+            **fields,
+        )  # fmt: skip
+
+    return [
+        TransferMember(request("fund", "bank", "alice", 100)),
+        # Decided on the balance the member before it left: it must see the 100.
+        TransferMember(request("pay", "alice", "bob", 30, description="rent")),
+        TransferMember(request("broke", "poor", "bob", 10)),  # refused: insufficient funds
+        TransferMember(request("ghost", "alice", "nobody", 5)),  # refused: no such account
+        TransferMember(request("pay", "alice", "bob", 30, description="rent")),  # same id, same body: replay
+        TransferMember(request("pay", "alice", "bob", 31, description="rent")),  # same id, other body: 409
+        TransferMember(request("dollars", "alice", "usd", 5)),  # refused: currency mismatch
+        # The decision is told (below) that this account may go negative; PostgreSQL's
+        # CHECK is not: a constraint the decision did not predict.
+        *([TransferMember(request("trick", "tricky", "bob", 50))] if unpredicted else []),
+        # A linked chain whose second item fails: neither applies; the third item stands.
+        BatchMember([
+            BatchItem(request("chain-1", "alice", "carol", 10), linked=True),
+            BatchItem(request("chain-2", "poor", "carol", 10)),
+            BatchItem(request("after", "alice", "carol", 20)),
+        ]),  # fmt: skip
+        TransferMember(request("rest", "alice", "bob", 50)),  # exactly what is left: 100 - 30 - 20
+        TransferMember(request("fund", "bank", "alice", 100)),  # replay of the first member
+    ]
+
+
+def answer_of(result: Any, p: str) -> Any:
+    """A comparable form of an answer, with the ledger's prefix, times and hashes left out."""
+
+    def strip(value: str | None) -> str | None:
+        return value.replace(f"{p}-", "") if value else value
+
+    def transfer(record: Any) -> tuple:
+        return (strip(record.id), strip(record.debit_account_id), strip(record.credit_account_id), record.amount,
+                record.currency, record.pending, record.status, record.code, record.description)  # fmt: skip
+
+    if isinstance(result, BaseException):
+        return ("error", type(result).__name__, getattr(result, "code", None), strip(str(result)))
+    if isinstance(result, TransferOutcome):
+        return ("outcome", transfer(result.transfer), result.replayed)
+    assert isinstance(result, list) and all(isinstance(item, BatchResult) for item in result), result
+    return ("batch", [(r.index, strip(r.id), r.status, r.code, r.transfer and transfer(r.transfer)) for r in result])
+
+
+@pytest.fixture
+def lenient_for_tricky(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision believes every `tricky` account may go negative; the stored row (the
+    one PostgreSQL checks) says otherwise."""
+    decide = domain.decide_transfer
+
+    def lenient(request, accounts, now, key):  # type: ignore[no-untyped-def]
+        if not request.debit_account_id.endswith("-tricky"):
+            return decide(request, accounts, now, key)
+        believed = {k: dataclasses.replace(a, allow_negative_balance=True) for k, a in accounts.items()}
+        plan = decide(request, believed, now, key)
+        return dataclasses.replace(
+            plan,
+            accounts=tuple(
+                dataclasses.replace(a, allow_negative_balance=accounts[a.id].allow_negative_balance)
+                for a in plan.accounts
+            ),
+        )
+
+    monkeypatch.setattr(domain, "decide_transfer", lenient)
+
+
+async def open_ledger(client: AsyncTestClient, p: str) -> None:
+    for name in ACCOUNTS:
+        await open_account(client, f"{p}-{name}", currency="USD" if name == "usd" else "EUR", negative=name == "bank")
+
+
+async def balances(connection: asyncpg.Connection, p: str) -> dict[str, tuple[int, int]]:
+    rows = await connection.fetch(
+        "SELECT id, debits_posted, credits_posted FROM accounts WHERE id LIKE $1 || '-%'", p
+    )
+    return {row["id"].removeprefix(f"{p}-"): (row["debits_posted"], row["credits_posted"]) for row in rows}
+
+
+async def mixed_group_problems(
+    client: AsyncTestClient, engine: AsyncEngine, settings: Settings, database_url: str, uid: str,
+    unpredicted: bool = False,
+) -> list[str]:
+    """Run the mixed group on one ledger and the same requests one by one on a fresh one;
+    return every way in which the group's answers, commits or balances differ."""
+    problems: list[str] = []
+    grouped, alone, plug = f"g{uid}", f"a{uid}", f"p{uid}"
+    for p in (grouped, alone, plug):
+        await open_ledger(client, p)
+    observer = await asyncpg.connect(database_url)
+    try:
+        observing = asyncio.Lock()
+
+        async def acknowledged(committer: GroupCommitter, member: groups.Member) -> Any:
+            """The member's answer; and, for each transfer it says was applied, whether
+            another connection sees it committed the moment the answer arrives."""
+            try:
+                result = await committer.submit(member)
+            except LedgerError as error:
+                return error
+            records = [result.transfer] if isinstance(result, TransferOutcome) else [r.transfer for r in result if r.transfer]
+            for record in records:
+                async with observing:  # one connection, one statement at a time
+                    stored = await observer.fetchval("SELECT status FROM transfers WHERE id = $1", record.id)
+                if stored != record.status:
+                    problems.append(f"{record.id} answered {record.status!r} while committed is {stored!r}")
+            return result
+
+        sizes: list[int] = []
+
+        def committer(on_group: Any = None) -> GroupCommitter:
+            return GroupCommitter(
+                UnitOfWork(engine.connect, settings), provision.KEYRING.active, max_transfers=100, queue_limit=100,
+                concurrency=1, lock_timeout_ms=250, on_group=on_group,
+            )  # fmt: skip
+
+        # The group: a plug takes the one transaction slot, everything else queues behind
+        # it and goes in the next transaction, together.
+        together = committer(sizes.append)
+        plugged = asyncio.create_task(together.submit(TransferMember(TransferRequest(
+            id=f"{plug}-plug", debit_account_id=f"{plug}-bank", credit_account_id=f"{plug}-alice", amount=1))))  # fmt: skip
+        await asyncio.sleep(0)
+        group = members(grouped, unpredicted)
+        answers = await asyncio.gather(*(acknowledged(together, member) for member in group))
+        await plugged
+        transfers = sum(groups.size(member) for member in group)
+        if sizes[:1] != [1] or transfers not in sizes:
+            problems.append(f"the members did not form one group: group sizes {sizes}")
+
+        # The same requests, one by one, on a fresh ledger.
+        one_by_one = committer()
+        expected = [await acknowledged(one_by_one, member) for member in members(alone, unpredicted)]
+
+        for index, (got, want) in enumerate(zip(answers, expected, strict=True)):
+            if answer_of(got, grouped) != answer_of(want, alone):
+                problems.append(f"member {index}: {answer_of(got, grouped)} in the group, {answer_of(want, alone)} alone")
+        if await balances(observer, grouped) != await balances(observer, alone):
+            problems.append(f"balances {await balances(observer, grouped)} != {await balances(observer, alone)}")
+    finally:
+        await observer.close()
+    return problems
+
+
+@pytest.mark.parametrize("unpredicted", [False, True], ids=["committed-together", "split-by-a-constraint"])
+async def test_each_member_of_a_mixed_group_gets_the_answer_it_gets_alone(
+    client: AsyncTestClient, engine: AsyncEngine, settings: Settings, database_url: str, uid: str,
+    lenient_for_tricky: None, unpredicted: bool,
+) -> None:  # fmt: skip
+    """Without the unpredicted member the group commits as one transaction; with it, the
+    group's write fails on the CHECK and every member runs again alone."""
+    assert await mixed_group_problems(client, engine, settings, database_url, uid, unpredicted) == []
+    # And the answers are the ones a payment engineer expects (not merely consistent).
+    assert (await client.get(f"/v1/accounts/a{uid}-alice")).json()["balance"]["posted"] == 0
+    if unpredicted:
+        tricky = (await client.get(f"/v1/transfers/g{uid}-trick")).json()
+        assert (tricky["status"], tricky["code"]) == ("rejected", "insufficient_funds")
+    chained = (await client.get(f"/v1/transfers/g{uid}-chain-1")).json()
+    assert (chained["status"], chained["code"]) == ("rejected", "linked_transfer_failed"), chained
+
+
+def refusal_fails_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: a group with a refused member fails as a whole."""
+    decide = groups.decide_group
+
+    def broken(members, *args, **kwargs):  # type: ignore[no-untyped-def]
+        plan = decide(members, *args, **kwargs)
+        refused = any(d.status == "rejected" for decisions in plan.decisions for d in decisions)
+        if len(members) > 1 and refused:
+            raise TransferRefused("insufficient_funds", "a member was refused")
+        return plan
+
+    monkeypatch.setattr(groups, "decide_group", broken)
+
+
+def answers_before_the_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: a group's answers go out before its commit is known (here the commit then
+    fails: the transaction is rolled back)."""
+    apply = groups.apply_group
+
+    class CommitFails:
+        def __init__(self, driver: asyncpg.Connection) -> None:
+            self._driver = driver
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._driver, name)
+
+        async def execute(self, statement: str, *args: Any) -> Any:
+            return await self._driver.execute("ROLLBACK" if statement == "COMMIT" else statement, *args)
+
+    async def broken(driver, members, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return await apply(CommitFails(driver) if len(members) > 1 else driver, members, *args, **kwargs)
+
+    monkeypatch.setattr(groups, "apply_group", broken)
+
+
+@pytest.mark.parametrize("breakage", [refusal_fails_the_group, answers_before_the_commit])
+async def test_a_broken_coalescer_is_caught(
+    client: AsyncTestClient, engine: AsyncEngine, settings: Settings, database_url: str, uid: str,
+    lenient_for_tricky: None, monkeypatch: pytest.MonkeyPatch, breakage: Any,
+) -> None:  # fmt: skip
+    breakage(monkeypatch)
+    assert await mixed_group_problems(client, engine, settings, database_url, uid)
+
+
+async def test_a_request_queued_behind_a_stuck_write_path_gets_503_and_nothing_applies(
+    client: AsyncTestClient, engine: AsyncEngine, settings: Settings, database_url: str, uid: str
+) -> None:
+    """The one transaction slot waits on an account locked outside the service: a request
+    queued behind it is answered 503 `overloaded` after the queue timeout and is never
+    applied, even once the lock is gone; the blocked one then commits."""
+    await open_ledger(client, uid)
+    committer = GroupCommitter(
+        UnitOfWork(engine.connect, dataclasses.replace(settings, lock_timeout_ms=10_000)), provision.KEYRING.active,
+        max_transfers=10, queue_limit=10, concurrency=1, lock_timeout_ms=250, queue_timeout_seconds=0.3,
+    )  # fmt: skip
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", f"{uid}-bob")
+        blocked = asyncio.create_task(committer.submit(TransferMember(TransferRequest(
+            id=f"{uid}-blocked", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-bob", amount=1))))  # fmt: skip
+        await asyncio.sleep(0.1)
+        queued = TransferRequest(id=f"{uid}-queued", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-alice",
+                                 amount=1)  # fmt: skip
+        with pytest.raises(groups.Overloaded):
+            await asyncio.wait_for(committer.submit(TransferMember(queued)), timeout=3)
+        assert not blocked.done()
+        await holder.execute("ROLLBACK")
+        assert (await blocked).transfer.status == "posted"
+        await committer.close()
+        assert await holder.fetchval("SELECT count(*) FROM transfers WHERE id = $1", queued.id) == 0
+    finally:
+        await holder.close()
+    assert (await transfer(client, queued.id, queued.debit_account_id, queued.credit_account_id, 1)).status_code == 201
