@@ -53,11 +53,13 @@ def members(p: str, unpredicted: bool) -> list[groups.Member]:
         # CHECK is not: a constraint the decision did not predict.
         *([TransferMember(request("trick", "tricky", "bob", 50))] if unpredicted else []),
         # A linked chain whose second item fails: neither applies; the third item stands.
-        BatchMember([
-            BatchItem(request("chain-1", "alice", "carol", 10), linked=True),
-            BatchItem(request("chain-2", "poor", "carol", 10)),
-            BatchItem(request("after", "alice", "carol", 20)),
-        ]),  # fmt: skip
+        BatchMember(
+            [
+                BatchItem(request("chain-1", "alice", "carol", 10), linked=True),
+                BatchItem(request("chain-2", "poor", "carol", 10)),
+                BatchItem(request("after", "alice", "carol", 20)),
+            ]
+        ),
         TransferMember(request("rest", "alice", "bob", 50)),  # exactly what is left: 100 - 30 - 20
         TransferMember(request("fund", "bank", "alice", 100)),  # replay of the first member
     ]
@@ -109,14 +111,16 @@ async def open_ledger(client: AsyncTestClient, p: str) -> None:
 
 
 async def balances(connection: asyncpg.Connection, p: str) -> dict[str, tuple[int, int]]:
-    rows = await connection.fetch(
-        "SELECT id, debits_posted, credits_posted FROM accounts WHERE id LIKE $1 || '-%'", p
-    )
+    rows = await connection.fetch("SELECT id, debits_posted, credits_posted FROM accounts WHERE id LIKE $1 || '-%'", p)
     return {row["id"].removeprefix(f"{p}-"): (row["debits_posted"], row["credits_posted"]) for row in rows}
 
 
 async def mixed_group_problems(
-    client: AsyncTestClient, engine: AsyncEngine, settings: Settings, database_url: str, uid: str,
+    client: AsyncTestClient,
+    engine: AsyncEngine,
+    settings: Settings,
+    database_url: str,
+    uid: str,
     unpredicted: bool = False,
 ) -> list[str]:
     """Run the mixed group on one ledger and the same requests one by one on a fresh one;
@@ -136,7 +140,9 @@ async def mixed_group_problems(
                 result = await committer.submit(member)
             except LedgerError as error:
                 return error
-            records = [result.transfer] if isinstance(result, TransferOutcome) else [r.transfer for r in result if r.transfer]
+            records = (
+                [result.transfer] if isinstance(result, TransferOutcome) else [r.transfer for r in result if r.transfer]
+            )
             for record in records:
                 async with observing:  # one connection, one statement at a time
                     stored = await observer.fetchval("SELECT status FROM transfers WHERE id = $1", record.id)
@@ -171,7 +177,9 @@ async def mixed_group_problems(
 
         for index, (got, want) in enumerate(zip(answers, expected, strict=True)):
             if answer_of(got, grouped) != answer_of(want, alone):
-                problems.append(f"member {index}: {answer_of(got, grouped)} in the group, {answer_of(want, alone)} alone")
+                problems.append(
+                    f"member {index}: {answer_of(got, grouped)} in the group, {answer_of(want, alone)} alone"
+                )
         if await balances(observer, grouped) != await balances(observer, alone):
             problems.append(f"balances {await balances(observer, grouped)} != {await balances(observer, alone)}")
     finally:
