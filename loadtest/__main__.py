@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import secrets
+import statistics
 import sys
 import time
 from collections.abc import Coroutine
@@ -82,6 +84,49 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return round(sorted_values[min(int(len(sorted_values) * fraction), len(sorted_values) - 1)], 3)
 
 
+GROUP_BUCKET = re.compile(r'^ledger_group_transfers_bucket\{[^}]*le="([^"]+)"\} (\d+)$', re.MULTILINE)
+GROUP_SUM = re.compile(r"^ledger_group_transfers_sum\{[^}]*\} (\d+)$", re.MULTILINE)
+
+
+async def group_counters(generator: Generator) -> dict[str, int] | None:
+    """The service's group-commit histogram (cumulative buckets, summed over the processes
+    that answer), or None when /metrics does not have it."""
+    try:
+        status, content, _ = await generator.call("GET", "/metrics")
+    except Exception:  # a report without the histogram, not a failed run
+        return None
+    text = content.decode(errors="replace")
+    if status != 200 or not GROUP_BUCKET.search(text):
+        return None
+    counters: dict[str, int] = {}
+    for bound, count in GROUP_BUCKET.findall(text):
+        counters[bound] = counters.get(bound, 0) + int(count)
+    counters["sum"] = sum(int(value) for value in GROUP_SUM.findall(text))
+    return counters
+
+
+def group_report(before: dict[str, int] | None, after: dict[str, int] | None) -> dict | None:
+    """Group transactions during the measured run: how many, their mean size, and how many
+    had at most 1, 2, 4, ... transfers (a non-cumulative histogram)."""
+    if before is None or after is None:
+        return None
+    transactions = after["+Inf"] - before["+Inf"]
+    histogram: dict[str, int] = {}
+    previous = 0
+    for bound in after:
+        if bound in ("+Inf", "sum"):
+            continue
+        cumulative = after[bound] - before.get(bound, 0)
+        histogram[f"<={bound}"] = cumulative - previous
+        previous = cumulative
+    histogram["more"] = transactions - previous
+    return {
+        "transactions": transactions,
+        "mean_transfers": round((after["sum"] - before["sum"]) / transactions, 2) if transactions else 0.0,
+        "histogram": {bound: count for bound, count in histogram.items() if count},
+    }
+
+
 async def run(
     arguments: argparse.Namespace, base_url: str, api_key: str | None, service_pid: int | None, postgres_pid: int | None
 ) -> dict:
@@ -99,6 +144,7 @@ async def run(
                 warm = await run_open(workload, generator, arguments.rate, arguments.warmup, arguments.max_outstanding)
             else:
                 warm = await run_closed(workload, generator, arguments.clients, arguments.warmup)
+        groups_before = await group_counters(generator)
         cpu_before = (generator_cpu_seconds(), cpu_seconds(service_pid), cpu_seconds(postgres_pid))
         started = time.perf_counter()
         if arguments.rate:
@@ -107,6 +153,7 @@ async def run(
             stats = await run_closed(workload, generator, arguments.clients, arguments.duration)
         elapsed = time.perf_counter() - started
         cpu_after = (generator_cpu_seconds(), cpu_seconds(service_pid), cpu_seconds(postgres_pid))
+        groups_after = await group_counters(generator)
         acknowledged = {**(warm.transfers_acknowledged if warm else {}), **stats.transfers_acknowledged}
         problems = [] if arguments.skip_checks else await check(generator, [house, *accounts], acknowledged)
 
@@ -115,6 +162,11 @@ async def run(
     def delta(index: int) -> float | None:
         before, after = cpu_before[index], cpu_after[index]
         return round(after - before, 2) if before is not None and after is not None else None
+
+    def per_transfer_ms(index: int) -> float | None:
+        seconds = delta(index)
+        applied = len(stats.transfers_acknowledged)
+        return round(seconds * 1000 / applied, 3) if seconds is not None and applied else None
 
     return {
         "scenario": arguments.scenario,
@@ -136,6 +188,12 @@ async def run(
         "statuses": {str(k): v for k, v in sorted(stats.statuses.items(), key=lambda item: str(item[0]))},
         "codes": dict(stats.codes),
         "cpu_seconds": {"generator": delta(0), "service": delta(1), "postgres": delta(2)},
+        "cpu_ms_per_transfer": {
+            "generator": per_transfer_ms(0),
+            "service": per_transfer_ms(1),
+            "postgres": per_transfer_ms(2),
+        },
+        "groups": group_report(groups_before, groups_after),
         "throughput_timeline": stats.timeline,
         "transfers_timeline": stats.transfers_timeline,
         "latency_timeline": stats.latency_timeline,
@@ -242,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the service's database as the tables' owner (it creates a database of its own), for --baseline "
         "without --self-serve",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="with --baseline: alternate pgbench and the service this many times"
+    )
+    parser.add_argument(
+        "--versus-uniform",
+        action="store_true",
+        help="with --baseline: each round also runs the uniform scenario (the hot target is a ratio to it)",
+    )
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks (not recommended)")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots of the run (or the sweep) here")
     parser.add_argument(
@@ -278,27 +344,56 @@ def main(argv: list[str] | None = None) -> int:
         service_pid = service.service_pid if service else arguments.service_pid
         postgres_pid = service.postgres_pid if service else arguments.postgres_pid
         database_url = service.database_url if service else arguments.database_url
-        baseline = None
-        if arguments.baseline:
+        if not arguments.baseline:
+            report = run_fast(run(arguments, base_url, api_key, service_pid, postgres_pid))
+        else:
             if not database_url:
                 parser.error("--baseline needs --self-serve or --database-url")
             kind = "hot" if arguments.scenario == "hot" else "uniform"
             clients = arguments.clients or 16
             baseline_url = asyncio.run(baseline_database(database_url))
             asyncio.run(create_accounts(baseline_url, arguments.accounts))
-            tps = pgbench(baseline_url, kind, clients, arguments.duration, arguments.accounts)
-            baseline = {"pgbench": kind, "clients": clients, "transfers_per_second": round(tps, 1)}
-            if arguments.scenario == "batch":
-                # The set-based ceiling too: 100 transfers per transaction decided in SQL.
-                bulk = pgbench(baseline_url, "bulk", clients, arguments.duration, arguments.accounts, batch=100)
-                baseline["bulk_ceiling_transfers_per_second"] = round(bulk, 1)
-        report = run_fast(run(arguments, base_url, api_key, service_pid, postgres_pid))
-        if baseline is not None:
-            baseline["ratio"] = round(report["transfers_per_second"] / baseline["transfers_per_second"], 3)
-            if "bulk_ceiling_transfers_per_second" in baseline:
-                baseline["ratio_to_bulk_ceiling"] = round(
-                    report["transfers_per_second"] / baseline["bulk_ceiling_transfers_per_second"], 3
+            # The machine's speed drifts within minutes: baseline and service alternate in
+            # short rounds, and the ratios are the medians of the rounds' ratios.
+            rounds: list[dict] = []
+            for number in range(1, arguments.rounds + 1):
+                entry: dict[str, Any] = {"round": number}
+                entry["pgbench"] = round(
+                    pgbench(baseline_url, kind, clients, arguments.duration, arguments.accounts), 1
                 )
+                if arguments.scenario == "batch":
+                    # The set-based ceiling: 100 transfers per transaction decided in SQL.
+                    entry["bulk_ceiling"] = round(
+                        pgbench(baseline_url, "bulk", clients, arguments.duration, arguments.accounts, batch=100), 1
+                    )
+                report = run_fast(run(arguments, base_url, api_key, service_pid, postgres_pid))
+                entry["service"] = report["transfers_per_second"]
+                entry["ratio"] = round(entry["service"] / entry["pgbench"], 3)
+                if "bulk_ceiling" in entry:
+                    entry["ratio_to_bulk_ceiling"] = round(entry["service"] / entry["bulk_ceiling"], 3)
+                if arguments.versus_uniform:
+                    uniform = argparse.Namespace(**{**vars(arguments), "scenario": "uniform"})
+                    other = run_fast(run(uniform, base_url, api_key, service_pid, postgres_pid))
+                    entry["service_uniform"] = other["transfers_per_second"]
+                    entry["ratio_to_uniform"] = round(entry["service"] / entry["service_uniform"], 3)
+                    if not other["checks"]["ok"]:
+                        report["checks"]["ok"] = False
+                        report["checks"]["problems"] += [f"uniform: {p}" for p in other["checks"]["problems"]]
+                entry["groups_mean_transfers"] = (report["groups"] or {}).get("mean_transfers")
+                entry["cpu_ms_per_transfer"] = report["cpu_ms_per_transfer"]
+                rounds.append(entry)
+                print(f"round {number}: {json.dumps({k: v for k, v in entry.items() if 'cpu' not in k})}",
+                      file=sys.stderr)  # fmt: skip
+            baseline = {"pgbench": kind, "clients": clients, "rounds": rounds}
+            for ratio in ("ratio", "ratio_to_bulk_ceiling", "ratio_to_uniform"):
+                values = [entry[ratio] for entry in rounds if ratio in entry]
+                if values:
+                    baseline[f"median_{ratio}"] = round(statistics.median(values), 3)
+            # The last round's baseline, under the names earlier reports used.
+            baseline["transfers_per_second"] = rounds[-1]["pgbench"]
+            baseline["ratio"] = baseline["median_ratio"]
+            if "bulk_ceiling" in rounds[-1]:
+                baseline["bulk_ceiling_transfers_per_second"] = rounds[-1]["bulk_ceiling"]
             report["baseline"] = baseline
     if arguments.plots:
         from loadtest.plots import plot_run

@@ -43,3 +43,8 @@ def test_a_short_replay_run_passes_its_correctness_checks(tmp_path: Path) -> Non
     assert report["replays_confirmed"] == report["requests"] - report["transfers_acknowledged"] > 0
     assert report["baseline"]["transfers_per_second"] > 0 and report["baseline"]["ratio"] > 0
     assert {"p50", "p95", "p99", "p99.9", "max"} <= set(report["latency_ms"])
+    # The group-commit histogram from the service's /metrics: every new transfer went
+    # through a group transaction, and the buckets add up to the transactions.
+    groups = report["groups"]
+    assert groups["transactions"] > 0 and sum(groups["histogram"].values()) == groups["transactions"], groups
+    assert groups["mean_transfers"] >= 1
