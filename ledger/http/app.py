@@ -11,14 +11,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.routes import HTTPRoute
 
 from ledger import __version__
 from ledger.database import create_audit_engine, create_engine
 from ledger.http.audit import AuditController, Verifications, verify_with_checkpoint
+from ledger.http.auth import ROLES, authenticate
 from ledger.http.body import check_request_body
 from ledger.http.health import live, metrics_endpoint, ready
 from ledger.http.keys import KeyController
@@ -161,7 +163,7 @@ def create_app(
             ready,
             metrics_endpoint,
         ],
-        before_request=check_request_body,
+        before_request=before_request,
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
@@ -175,12 +177,35 @@ def create_app(
         ),
         debug=False,
     )
+    _every_route_names_its_roles(app)
     complete_openapi(app)
     repair_options(app)
     # Around the whole application, routing included: 404 and 405 answers get a request
     # id, an access line and a metric too.
     app.asgi_handler = request_id_middleware(metrics, settings.access_log)(app.asgi_handler)
     return app
+
+
+# The only routes anyone may call without a key.
+PUBLIC_PREFIXES = ("/health/", "/metrics", "/schema")
+
+
+async def before_request(request: Request) -> None:
+    """Who is calling, then what the body is: before any handler reads or decodes it."""
+    await authenticate(request)
+    await check_request_body(request)
+
+
+def _every_route_names_its_roles(app: Litestar) -> None:
+    """Fail closed at start-up: a route that names no roles (a new endpoint someone forgot
+    to protect) would be open to anyone, so the service refuses to start instead."""
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute) or route.path.startswith(PUBLIC_PREFIXES):
+            continue
+        for handler in route.route_handlers:
+            # Litestar's automatic OPTIONS answers say which methods exist, nothing more.
+            if ROLES not in handler.opt and handler.http_methods != {"OPTIONS"}:
+                raise RuntimeError(f"{route.path} ({', '.join(sorted(handler.http_methods))}) names no roles")
 
 
 def _tune_garbage_collector() -> None:

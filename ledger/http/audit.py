@@ -127,7 +127,7 @@ class AuditController(Controller):
         "/v1/audit/verify",
         operation_id="verifyJournal",
         status_code=200,
-        guards=[AUDIT],
+        opt=AUDIT,
         responses=documented(*READ_PROBLEMS, 404, 413, 415),
     )
     async def verify(self, request: Request, state: State, data: JSONBody[AuditVerify | None] = None) -> AuditReportOut:
@@ -149,7 +149,7 @@ class AuditController(Controller):
             ) from error
         return report_out(report)
 
-    @get("/v1/balances", operation_id="getTrialBalance", guards=[READ], responses=documented(*READ_PROBLEMS))
+    @get("/v1/balances", operation_id="getTrialBalance", opt=READ, responses=documented(*READ_PROBLEMS))
     async def balances(self, state: State, currency: CurrencyFilter = None, as_of: AsOf = None) -> TrialBalanceOut:
         """A trial balance read from one consistent snapshot: per currency the sum of
         debits, of credits, and their difference, which is always 0."""

@@ -48,7 +48,7 @@ def _carries_body(request: Request) -> bool:
 
 
 async def check_request_body(request: Request) -> None:
-    """Litestar `before_request` hook: runs after the route's guards, before any body is
+    """Part of the app's `before_request` hook: runs after authentication, before any body is
     decoded (the body read here is cached for the handler)."""
     if not _carries_body(request):
         return
@@ -59,12 +59,12 @@ async def check_request_body(request: Request) -> None:
         )
     body = await request.body()
     try:
-        body.decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         raise InvalidRequest(
             f"the body is not valid UTF-8 (byte {error.start})", [{"field": "body", "message": "not valid UTF-8"}]
         ) from error
-    repeated = repeated_key(body)
+    repeated = repeated_key(text)
     if repeated is not None:
         raise InvalidRequest(
             f"the JSON object repeats the key {repeated!r}",
@@ -86,16 +86,20 @@ def _pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return dict(pairs)
 
 
-def repeated_key(body: bytes) -> str | None:
+# Built once: `json.loads` with a hook builds a decoder on every call.
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_pairs)
+
+
+def repeated_key(body: bytes | str) -> str | None:
     """The first key some object of `body` repeats, or None (also for JSON that does not
     parse: the strict decoder reports that with a better message)."""
     if not body:
         return None
     try:
-        json.loads(body, object_pairs_hook=_pairs)
+        _PAIRS_DECODER.decode(body if isinstance(body, str) else body.decode("utf-8"))
     except _Repeated as repeated:
         return repeated.key[:64]
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError included
         return None
     return None
 

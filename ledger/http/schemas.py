@@ -331,7 +331,8 @@ class Health(msgspec.Struct):
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds, always: `2026-11-24T21:59:03.123456Z`."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is several times faster than strftime, and this runs twice per transfer.
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_timestamp(field: str, value: str) -> datetime:

@@ -434,14 +434,14 @@ class GroupCommitter:
             self._on_group(sum(size(member) for member in members))
         split = ""
         try:
-            if len(group) == 1:
-                answers = [await self._alone(members[0])]
-            else:
-                answers = await self._unit_of_work.run_on_driver(
-                    lambda driver: apply_group(
-                        driver, members, self._key, lock=self._lock, lock_timeout_ms=self._lock_timeout_ms
-                    )
+            # A group of one too: whatever holds a transaction slot waits at most the
+            # group lock timeout, so that requests queued behind it (fewer than
+            # `overlap_min` do not start another group) wait no longer than that.
+            answers = await self._unit_of_work.run_on_driver(
+                lambda driver: apply_group(
+                    driver, members, self._key, lock=self._lock, lock_timeout_ms=self._lock_timeout_ms
                 )
+            )
         except (LockTimeout, asyncpg.IntegrityConstraintViolationError) as error:
             # An account held elsewhere, or a member that breaks a constraint the decision
             # did not predict: the others must not pay for it. Each runs alone, and is

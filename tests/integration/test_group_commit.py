@@ -251,13 +251,14 @@ async def test_a_broken_coalescer_is_caught(
 async def test_a_request_queued_behind_a_stuck_write_path_gets_503_and_nothing_applies(
     client: AsyncTestClient, engine: AsyncEngine, settings: Settings, database_url: str, uid: str
 ) -> None:
-    """The one transaction slot waits on an account locked outside the service: a request
-    queued behind it is answered 503 `overloaded` after the queue timeout and is never
-    applied, even once the lock is gone; the blocked one then commits."""
+    """The one transaction slot waits on an account locked outside the service (for up to
+    the group lock timeout, 5 s here): a request queued behind it is answered 503
+    `overloaded` after the queue timeout and is never applied, even once the lock is gone;
+    the blocked one then commits."""
     await open_ledger(client, uid)
     committer = GroupCommitter(
         UnitOfWork(engine.connect, dataclasses.replace(settings, lock_timeout_ms=10_000)), provision.KEYRING.active,
-        max_transfers=10, queue_limit=10, concurrency=1, lock_timeout_ms=250, queue_timeout_seconds=0.3,
+        max_transfers=10, queue_limit=10, concurrency=1, lock_timeout_ms=5_000, queue_timeout_seconds=0.3,
     )  # fmt: skip
     holder = await asyncpg.connect(database_url)
     try:
@@ -278,3 +279,33 @@ async def test_a_request_queued_behind_a_stuck_write_path_gets_503_and_nothing_a
     finally:
         await holder.close()
     assert (await transfer(client, queued.id, queued.debit_account_id, queued.credit_account_id, 1)).status_code == 201
+
+
+async def test_a_transfer_stuck_on_a_lock_gives_up_its_transaction_slot(
+    client: AsyncTestClient, engine: AsyncEngine, settings: Settings, database_url: str, uid: str
+) -> None:
+    """A lone transfer waiting on an account locked outside the service holds the one
+    transaction slot for at most the group lock timeout (200 ms here), then waits alone,
+    outside the slots (up to the lock timeout, 10 s here): a transfer between other
+    accounts queued behind it is applied while the lock is still held."""
+    await open_ledger(client, uid)
+    committer = GroupCommitter(
+        UnitOfWork(engine.connect, dataclasses.replace(settings, lock_timeout_ms=10_000)), provision.KEYRING.active,
+        max_transfers=10, queue_limit=10, concurrency=1, lock_timeout_ms=200, overlap_min=8,
+    )  # fmt: skip
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", f"{uid}-bob")
+        blocked = asyncio.create_task(committer.submit(TransferMember(TransferRequest(
+            id=f"{uid}-blocked", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-bob", amount=1))))  # fmt: skip
+        await asyncio.sleep(0.05)
+        queued = committer.submit(TransferMember(TransferRequest(
+            id=f"{uid}-queued", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-alice", amount=1)))  # fmt: skip
+        outcome = await asyncio.wait_for(queued, timeout=2)
+        assert outcome.transfer.status == "posted" and not blocked.done()
+        await holder.execute("ROLLBACK")
+        assert (await blocked).transfer.status == "posted"
+    finally:
+        await holder.close()
+        await committer.close()
