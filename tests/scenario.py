@@ -9,7 +9,9 @@ servers whose locking has been deliberately broken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -84,7 +86,7 @@ async def deadlock_count(engine: AsyncEngine) -> int:
 
 
 async def run_bank_scenario(
-    base_url: str,
+    base_url: str | Sequence[str],
     engine: AsyncEngine,
     *,
     prefix: str,
@@ -97,7 +99,9 @@ async def run_bank_scenario(
     batch_size: int = 25,
 ) -> ScenarioReport:
     """Run the scenario. `batch_clients` of the clients post batches of `batch_size`
-    (every third item linked to the next, so chains of two), the others single transfers."""
+    (every third item linked to the next, so chains of two), the others single transfers.
+    Given several base URLs (instances of the service on one database), the clients take
+    them in turn."""
     rng = random.Random(seed)
     house = f"{prefix}-house"
     accounts = [house] + [f"{prefix}-customer-{i}" for i in range(customers)]
@@ -106,7 +110,13 @@ async def run_bank_scenario(
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     headers = provision.API_HEADERS
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30, headers=headers) as client:
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    async with contextlib.AsyncExitStack() as stack:
+        instances = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=limits, timeout=30, headers=headers))
+            for url in urls
+        ]
+        client = instances[0]
         for account in accounts:
             body = {"id": account, "currency": "EUR", "allow_negative_balance": account == house}
             response = await client.post("/v1/accounts", json=body)
@@ -136,7 +146,7 @@ async def run_bank_scenario(
             report.requested[body["id"]] = body
             queue.put_nowait(body)
 
-        async def single_worker() -> None:
+        async def single_worker(client: httpx.AsyncClient) -> None:
             while True:
                 try:
                     body = queue.get_nowait()
@@ -148,7 +158,7 @@ async def run_bank_scenario(
                 else:
                     report.answers[body["id"]] = answer
 
-        async def batch_worker() -> None:
+        async def batch_worker(client: httpx.AsyncClient) -> None:
             while not queue.empty():
                 bodies = [queue.get_nowait() for _ in range(min(batch_size, queue.qsize()))]
                 items = [
@@ -162,8 +172,8 @@ async def run_bank_scenario(
                 for result in answer.body["results"]:
                     report.answers[result["id"]] = batch_answer(result)
 
-        workers = [batch_worker() for _ in range(batch_clients)] + [
-            single_worker() for _ in range(clients - batch_clients)
+        workers = [batch_worker(instances[n % len(instances)]) for n in range(batch_clients)] + [
+            single_worker(instances[n % len(instances)]) for n in range(batch_clients, clients)
         ]
         await asyncio.gather(*workers)
 

@@ -37,6 +37,7 @@ without having started.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -312,12 +313,28 @@ async def record_refusal(driver: asyncpg.Connection, request: TransferRequest, r
 # -- the queue -------------------------------------------------------------------------------------
 
 
+# How far down the queue an overlapping group looks for members.
+OVERLAP_SCAN_LIMIT = 1024
+
+
 @dataclass
 class _Waiting:
     member: Member
     answer: asyncio.Future[Any]
     # Answers 503 if the member is still queued when it fires; cancelled when it starts.
     deadline: asyncio.TimerHandle | None = None
+    # The accounts it touches, and its ids (after a NUL, which no id contains).
+    keys: frozenset[str] = frozenset()
+
+
+def keys_of(member: Member) -> frozenset[str]:
+    keys: set[str] = set()
+    for item in member.items:
+        request = item.request
+        keys.add(request.debit_account_id)
+        keys.add(request.credit_account_id)
+        keys.add("\0" + request.id)
+    return frozenset(keys)
 
 
 class GroupCommitter:
@@ -350,6 +367,8 @@ class GroupCommitter:
         self._queue: deque[_Waiting] = deque()
         self._queued_transfers = 0
         self._in_flight = 0
+        # Accounts and ids of the groups in flight, with how many groups hold each.
+        self._busy: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Accounts that may be locked by another transaction past the lock timeout (a
         # stuck lock), until when: members touching them run alone, so that no group
@@ -370,7 +389,7 @@ class GroupCommitter:
                 "retry with the same id"
             )
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(member, loop.create_future())
+        waiting = _Waiting(member, loop.create_future(), keys=keys_of(member))
         self._queue.append(waiting)
         self._queued_transfers += count
         self._dispatch()
@@ -400,33 +419,79 @@ class GroupCommitter:
         return False
 
     def _dispatch(self) -> None:
-        # With no group in flight, whatever is queued goes at once (a lone request waits for
-        # nothing). Another group overlaps the one in flight only when enough is queued to
-        # make it worth a transaction: otherwise a request that arrives just after a commit
-        # would take a transaction of its own while the rest queue behind it.
-        while (
-            self._queue
-            and self._in_flight < self._concurrency
-            and (self._in_flight == 0 or self._queued_transfers >= self._overlap_min)
-        ):
-            group: list[_Waiting] = []
-            transfers = 0
-            while self._queue and (not group or transfers + size(self._queue[0].member) <= self._max_transfers):
-                waiting = self._queue.popleft()
-                self._queued_transfers -= size(waiting.member)
-                if waiting.deadline is not None:
-                    waiting.deadline.cancel()
-                if waiting.answer.done():  # its client went away, or it waited too long
-                    continue
-                if self._touches_held(waiting.member):
-                    self._spawn(self._run_alone(waiting))
-                    continue
-                group.append(waiting)
-                transfers += size(waiting.member)
+        # With no group in flight, whatever is queued goes at once (a lone request waits
+        # for nothing). Another group overlaps the ones in flight only with members that
+        # share no account and no id with them (it would only wait for their locks, holding
+        # a connection, and past the group lock timeout be split as if a lock were stuck),
+        # and only when at least `overlap_min` such transfers are queued: otherwise a
+        # request arriving just after a commit would take a transaction of its own while
+        # the rest queue behind it. A member left in the queue holds back the later
+        # members that share an account or an id with it, so that those keep their order.
+        while self._queue and self._in_flight < self._concurrency:
+            overlapping = self._in_flight > 0
+            if overlapping and self._queued_transfers < self._overlap_min:
+                return
+            group = self._form(overlapping)
+            if group is None:
+                return
             if not group:
                 continue
             self._in_flight += 1
+            busy = self._busy
+            for waiting in group:
+                for key in waiting.keys:
+                    busy[key] = busy.get(key, 0) + 1
             self._spawn(self._run(group))
+
+    def _form(self, overlapping: bool) -> list[_Waiting] | None:
+        """Take the next group's members from the queue (None: no group may start now)."""
+        queue = self._queue
+        chosen: set[int] = set()
+        transfers = 0
+        if overlapping:
+            busy = self._busy
+            blocked: set[str] = set()
+            for index, waiting in enumerate(queue):
+                if index == OVERLAP_SCAN_LIMIT:
+                    break  # bounded work per request, however long the queue
+                if waiting.answer.done():
+                    continue
+                count = size(waiting.member)
+                if chosen and transfers + count > self._max_transfers:
+                    break
+                if any(key in busy or key in blocked for key in waiting.keys):
+                    blocked.update(waiting.keys)
+                    continue
+                chosen.add(index)
+                transfers += count
+            if transfers < self._overlap_min:
+                return None
+        group: list[_Waiting] = []
+        kept: deque[_Waiting] = deque()
+        transfers = 0
+        for index, waiting in enumerate(queue):
+            if overlapping:
+                take = index in chosen
+            else:
+                take = not group or transfers + size(waiting.member) <= self._max_transfers
+                if not take:
+                    kept.extend(itertools.islice(queue, index, None))
+                    break
+            if not take and not waiting.answer.done():
+                kept.append(waiting)
+                continue
+            self._queued_transfers -= size(waiting.member)
+            if waiting.deadline is not None:
+                waiting.deadline.cancel()
+            if waiting.answer.done():  # its client went away, or it waited too long
+                continue
+            if self._touches_held(waiting.member):
+                self._spawn(self._run_alone(waiting))
+                continue
+            group.append(waiting)
+            transfers += size(waiting.member)
+        self._queue = kept
+        return group
 
     async def _run(self, group: list[_Waiting]) -> None:
         members = [waiting.member for waiting in group]
@@ -455,6 +520,14 @@ class GroupCommitter:
             answers = [error] * len(group)
         finally:
             self._in_flight -= 1
+            busy = self._busy
+            for waiting in group:
+                for key in waiting.keys:
+                    left = busy[key] - 1
+                    if left:
+                        busy[key] = left
+                    else:
+                        del busy[key]
             self._dispatch()
         if split == "in order":
             # The members run alone one after another, in arrival order: each gets the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 from typing import Any
 
 import asyncpg
@@ -309,3 +310,54 @@ async def test_a_transfer_stuck_on_a_lock_gives_up_its_transaction_slot(
     finally:
         await holder.close()
         await committer.close()
+
+
+async def test_groups_in_flight_at_once_share_no_account_and_no_id(
+    client: AsyncTestClient, engine: AsyncEngine, settings: Settings, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within one process, a group that would only wait for the locks of a group in flight
+    does not start beside it: 300 transfers (some repeating an id) among 30 accounts, four
+    transaction slots, watched at every group's start: no two running groups touch the
+    same account or id, yet groups do run side by side, and every transfer is applied."""
+    accounts = [f"{uid}-{n}" for n in range(30)]
+    for account in accounts:
+        await open_account(client, account, negative=True)
+    running: list[frozenset[str]] = []
+    overlaps: list[str] = []
+    side_by_side = 0
+    apply = groups.apply_group
+
+    async def watched(driver, members, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal side_by_side
+        keys = frozenset().union(*(groups.keys_of(member) for member in members))
+        overlaps.extend(sorted(keys & other)[0] for other in running if keys & other)
+        side_by_side += bool(running)
+        running.append(keys)
+        try:
+            return await apply(driver, members, *args, **kwargs)
+        finally:
+            running.remove(keys)
+
+    monkeypatch.setattr(groups, "apply_group", watched)
+    committer = GroupCommitter(
+        UnitOfWork(engine.connect, settings), provision.KEYRING.active, max_transfers=8, queue_limit=1000,
+        concurrency=4, lock_timeout_ms=5_000, overlap_min=1,
+    )  # fmt: skip
+    rng = random.Random(5)
+    requests = []
+    for n in range(300):
+        if n % 10 == 9:  # every tenth repeats the one before it: same id, same body
+            requests.append(requests[-1])
+            continue
+        debit, credit = rng.sample(accounts, 2)
+        requests.append(TransferRequest(id=f"{uid}-t{n}", debit_account_id=debit, credit_account_id=credit,
+                                        amount=1 + n % 7))  # fmt: skip
+
+    async def client_(index: int) -> list[Any]:
+        return [await committer.submit(TransferMember(r)) for r in requests[index::20]]
+
+    answers = [answer for batch in await asyncio.gather(*(client_(i) for i in range(20))) for answer in batch]
+    await committer.close()
+    assert overlaps == [] and side_by_side > 0, (overlaps[:5], side_by_side)
+    assert sum(not answer.replayed for answer in answers) == 270
+    assert all(answer.transfer.status == "posted" for answer in answers)
