@@ -315,6 +315,9 @@ async def record_refusal(driver: asyncpg.Connection, request: TransferRequest, r
 
 # How far down the queue an overlapping group looks for members.
 OVERLAP_SCAN_LIMIT = 1024
+# Groups in flight up to this many transfers in all may be joined by a group that shares
+# accounts with them (see GroupCommitter._dispatch).
+PIPELINE_MAX_TRANSFERS = 64
 
 
 @dataclass
@@ -323,18 +326,17 @@ class _Waiting:
     answer: asyncio.Future[Any]
     # Answers 503 if the member is still queued when it fires; cancelled when it starts.
     deadline: asyncio.TimerHandle | None = None
-    # The accounts it touches, and its ids (after a NUL, which no id contains).
+    # The accounts it touches and its ids; its ids alone (after a NUL, which no id has).
     keys: frozenset[str] = frozenset()
+    ids: frozenset[str] = frozenset()
+
+
+def ids_of(member: Member) -> frozenset[str]:
+    return frozenset("\0" + item.request.id for item in member.items)
 
 
 def keys_of(member: Member) -> frozenset[str]:
-    keys: set[str] = set()
-    for item in member.items:
-        request = item.request
-        keys.add(request.debit_account_id)
-        keys.add(request.credit_account_id)
-        keys.add("\0" + request.id)
-    return frozenset(keys)
+    return ids_of(member) | accounts_of(member)
 
 
 class GroupCommitter:
@@ -369,6 +371,7 @@ class GroupCommitter:
         self._in_flight = 0
         # Accounts and ids of the groups in flight, with how many groups hold each.
         self._busy: dict[str, int] = {}
+        self._in_flight_transfers = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # Accounts that may be locked by another transaction past the lock timeout (a
         # stuck lock), until when: members touching them run alone, so that no group
@@ -389,7 +392,8 @@ class GroupCommitter:
                 "retry with the same id"
             )
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(member, loop.create_future(), keys=keys_of(member))
+        ids = ids_of(member)
+        waiting = _Waiting(member, loop.create_future(), keys=ids | accounts_of(member), ids=ids)
         self._queue.append(waiting)
         self._queued_transfers += count
         self._dispatch()
@@ -420,13 +424,17 @@ class GroupCommitter:
 
     def _dispatch(self) -> None:
         # With no group in flight, whatever is queued goes at once (a lone request waits
-        # for nothing). Another group overlaps the ones in flight only with members that
-        # share no account and no id with them (it would only wait for their locks, holding
-        # a connection, and past the group lock timeout be split as if a lock were stuck),
-        # and only when at least `overlap_min` such transfers are queued: otherwise a
-        # request arriving just after a commit would take a transaction of its own while
-        # the rest queue behind it. A member left in the queue holds back the later
-        # members that share an account or an id with it, so that those keep their order.
+        # for nothing). Another group overlaps the ones in flight only when at least
+        # `overlap_min` transfers can join it: otherwise a request arriving just after a
+        # commit would take a transaction of its own while the rest queue behind it.
+        # Members sharing an id with a group in flight wait for it. Members sharing an
+        # account may join only while the groups in flight are small (at most
+        # PIPELINE_MAX_TRANSFERS): the new group then waits on their row locks and writes
+        # the moment they commit, which is what keeps a hot account busy; behind large
+        # groups (batches) it would hold a connection for long and could reach the group
+        # lock timeout and be split as if a lock were stuck. A member left in the queue
+        # holds back the later members that share an account or an id with it, so that
+        # those keep their order.
         while self._queue and self._in_flight < self._concurrency:
             overlapping = self._in_flight > 0
             if overlapping and self._queued_transfers < self._overlap_min:
@@ -437,6 +445,7 @@ class GroupCommitter:
             if not group:
                 continue
             self._in_flight += 1
+            self._in_flight_transfers += sum(size(waiting.member) for waiting in group)
             busy = self._busy
             for waiting in group:
                 for key in waiting.keys:
@@ -450,6 +459,7 @@ class GroupCommitter:
         transfers = 0
         if overlapping:
             busy = self._busy
+            strict = self._in_flight_transfers > PIPELINE_MAX_TRANSFERS
             blocked: set[str] = set()
             for index, waiting in enumerate(queue):
                 if index == OVERLAP_SCAN_LIMIT:
@@ -459,7 +469,8 @@ class GroupCommitter:
                 count = size(waiting.member)
                 if chosen and transfers + count > self._max_transfers:
                     break
-                if any(key in busy or key in blocked for key in waiting.keys):
+                waits_for = waiting.keys if strict else waiting.ids
+                if any(key in busy for key in waits_for) or (blocked and not blocked.isdisjoint(waiting.keys)):
                     blocked.update(waiting.keys)
                     continue
                 chosen.add(index)
@@ -520,6 +531,7 @@ class GroupCommitter:
             answers = [error] * len(group)
         finally:
             self._in_flight -= 1
+            self._in_flight_transfers -= sum(size(member) for member in members)
             busy = self._busy
             for waiting in group:
                 for key in waiting.keys:
