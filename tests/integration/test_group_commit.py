@@ -288,12 +288,17 @@ async def test_a_transfer_stuck_on_a_lock_gives_up_its_transaction_slot(
     """A lone transfer waiting on an account locked outside the service holds the one
     transaction slot for at most the group lock timeout (200 ms here), then waits alone,
     outside the slots (up to the lock timeout, 10 s here): a transfer between other
-    accounts queued behind it is applied while the lock is still held."""
+    accounts queued behind it is applied while the lock is still held. (One sharing an
+    account with the stuck transfer would wait for it: that one holds its other account's
+    lock while it waits, as ordered locking does.)"""
     await open_ledger(client, uid)
     committer = GroupCommitter(
         UnitOfWork(engine.connect, dataclasses.replace(settings, lock_timeout_ms=10_000)), provision.KEYRING.active,
         max_transfers=10, queue_limit=10, concurrency=1, lock_timeout_ms=200, overlap_min=8,
     )  # fmt: skip
+    funded = await committer.submit(TransferMember(TransferRequest(
+        id=f"{uid}-fund", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-alice", amount=5)))  # fmt: skip
+    assert funded.transfer.status == "posted"
     holder = await asyncpg.connect(database_url)
     try:
         await holder.execute("BEGIN")
@@ -302,7 +307,7 @@ async def test_a_transfer_stuck_on_a_lock_gives_up_its_transaction_slot(
             id=f"{uid}-blocked", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-bob", amount=1))))  # fmt: skip
         await asyncio.sleep(0.05)
         queued = committer.submit(TransferMember(TransferRequest(
-            id=f"{uid}-queued", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-alice", amount=1)))  # fmt: skip
+            id=f"{uid}-queued", debit_account_id=f"{uid}-alice", credit_account_id=f"{uid}-carol", amount=1)))  # fmt: skip
         outcome = await asyncio.wait_for(queued, timeout=2)
         assert outcome.transfer.status == "posted" and not blocked.done()
         await holder.execute("ROLLBACK")
