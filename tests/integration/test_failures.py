@@ -4,14 +4,12 @@ savepoint paths of the transfer service do what the design says."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger import domain
 from ledger.domain import TransferRequest
 from ledger.http.app import create_app
 from ledger.service.groups import GroupCommitter, TransferMember
@@ -19,7 +17,7 @@ from ledger.service.unit_of_work import UnitOfWork
 from ledger.settings import Settings
 from tests import provision
 from tests.conftest import authorized, free_port
-from tests.integration.helpers import assert_problem, open_account, transfer
+from tests.integration.helpers import assert_problem, lenient_decision, open_account, transfer
 
 
 async def test_an_unreachable_database_is_a_503_with_retry_after(uid: str) -> None:
@@ -70,22 +68,7 @@ async def test_the_database_refuses_an_overdraft_the_code_let_through(
     await open_account(client, f"bank-{uid}", negative=True)
     await open_account(client, f"poor-{uid}")
 
-    decide = domain.decide_transfer
-
-    def lenient(request, accounts, now, key):  # type: ignore[no-untyped-def]
-        # The decision sees the account as one that may go negative; the stored row (which
-        # PostgreSQL checks) does not change.
-        believed = {k: dataclasses.replace(value, allow_negative_balance=True) for k, value in accounts.items()}
-        plan = decide(request, believed, now, key)
-        return dataclasses.replace(
-            plan,
-            accounts=tuple(
-                dataclasses.replace(a, allow_negative_balance=accounts[a.id].allow_negative_balance)
-                for a in plan.accounts
-            ),
-        )
-
-    monkeypatch.setattr(domain, "decide_transfer", lenient)
+    lenient_decision(monkeypatch)
     response = await transfer(client, f"over-{uid}", f"poor-{uid}", f"bank-{uid}", 50)
     assert_problem(response, 422, "insufficient_funds")
     monkeypatch.undo()

@@ -17,7 +17,6 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger import domain
 from ledger.domain import BatchItem, TransferRequest
 from ledger.errors import LedgerError, TransferRefused
 from ledger.service import groups
@@ -26,7 +25,7 @@ from ledger.service.records import TransferOutcome
 from ledger.service.unit_of_work import UnitOfWork
 from ledger.settings import Settings
 from tests import provision
-from tests.integration.helpers import open_account, transfer
+from tests.integration.helpers import lenient_decision, open_account, transfer
 
 ACCOUNTS = ("bank", "alice", "bob", "carol", "poor", "tricky", "usd")
 
@@ -88,22 +87,7 @@ def answer_of(result: Any, p: str) -> Any:
 def lenient_for_tricky(monkeypatch: pytest.MonkeyPatch) -> None:
     """The decision believes every `tricky` account may go negative; the stored row (the
     one PostgreSQL checks) says otherwise."""
-    decide = domain.decide_transfer
-
-    def lenient(request, accounts, now, key):  # type: ignore[no-untyped-def]
-        if not request.debit_account_id.endswith("-tricky"):
-            return decide(request, accounts, now, key)
-        believed = {k: dataclasses.replace(a, allow_negative_balance=True) for k, a in accounts.items()}
-        plan = decide(request, believed, now, key)
-        return dataclasses.replace(
-            plan,
-            accounts=tuple(
-                dataclasses.replace(a, allow_negative_balance=accounts[a.id].allow_negative_balance)
-                for a in plan.accounts
-            ),
-        )
-
-    monkeypatch.setattr(domain, "decide_transfer", lenient)
+    lenient_decision(monkeypatch, "-tricky")
 
 
 async def open_ledger(client: AsyncTestClient, p: str) -> None:
