@@ -3,14 +3,17 @@
     .venv/bin/python -m loadtest.protocols --rounds 5 --duration 8 --clients 16
 
 One embedded PostgreSQL, migrated once; the same app served by uvicorn with three HTTP
-implementations, one at a time on that database, each with the environment `ledger
+implementations (and optionally by another server), one at a time on that database, each with the environment `ledger
 serve` gives its workers (serving as the least-privileged role, an admin key, chain
 keys in a data directory of the run's own):
 
 - `limited`: `ledger.http.protocol:LimitedHttpToolsProtocol`, what `ledger serve` runs
   (httptools with a total header limit, 431 past it, and header/body/idle timeouts);
 - `httptools`: uvicorn's default, with no header limit;
-- `h11`: uvicorn's h11 with `--h11-max-incomplete-event-size 16384`.
+- `h11`: uvicorn's h11 with `--h11-max-incomplete-event-size 16384`;
+- `granian`: another ASGI server (HTTP in Rust), when installed (`pip install granian`),
+  to see whether the server is a bound; it has none of the service's limits.
+  `--variants granian` runs only it against `limited`.
 
 Each round starts every variant afresh (the order rotates from round to round), checks
 what it answers to 20 KB of headers, runs the `uniform` scenario in closed loop exactly
@@ -25,6 +28,7 @@ are compared.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -48,7 +52,11 @@ VARIANTS: dict[str, list[str]] = {
     REFERENCE: ["--http", "ledger.http.protocol:LimitedHttpToolsProtocol"],
     "httptools": ["--http", "httptools"],
     "h11": ["--http", "h11", "--h11-max-incomplete-event-size", "16384"],
+    # Another ASGI server (Rust, HTTP parsing outside Python), when installed
+    # (`pip install granian`): is the server a bound? It has none of the service's limits.
+    "granian": ["--interface", "asgi", "--loop", "uvloop", "--workers", "1"],
 }
+UVICORN_VARIANTS = ("limited", "httptools", "h11")
 PROBE_HEADER_BYTES = 20_000
 
 
@@ -59,6 +67,11 @@ def start_uvicorn(variant: str, env: dict[str, str], log_path: Path) -> tuple[su
         *("--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", "5"),
         *("--log-level", "warning", "--no-access-log", "--no-server-header", *VARIANTS[variant]),
     ]
+    if variant not in UVICORN_VARIANTS:
+        command = [
+            *(sys.executable, "-m", variant, "--factory", "--host", "127.0.0.1", "--port", str(port)),
+            *("--log-level", "warning", *VARIANTS[variant], "ledger.http.app:create_app_from_env"),
+        ]
     with log_path.open("ab") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
@@ -147,10 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks after each run")
     parser.add_argument("--report", type=Path, help="also write the JSON report here")
+    parser.add_argument(
+        "--variants", help=f"comma-separated, {REFERENCE!r} included (default: all of {', '.join(VARIANTS)} installed)"
+    )
     arguments = parser.parse_args(argv)
     # What loadtest.__main__.run reads: the uniform scenario in closed loop.
     load = argparse.Namespace(**vars(arguments), scenario="uniform", rate=None, max_outstanding=512)
-    names = list(VARIANTS)
+    names = [name for name in VARIANTS if name in UVICORN_VARIANTS or importlib.util.find_spec(name)]
+    if arguments.variants:
+        names = [REFERENCE, *(n for n in arguments.variants.split(",") if n in VARIANTS and n != REFERENCE)]
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="ledger-protocols-") as directory:
         embedded = EmbeddedPostgres(Path(directory) / "pg")
