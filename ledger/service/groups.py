@@ -2,12 +2,14 @@
 requests that arrive while a transaction is in flight share the next one.
 
 A request is a *member*: a single transfer, or a batch (its items, with their linked
-chains). `GroupCommitter.submit` queues it; when fewer than `group_concurrency` groups
-are in flight, the queued members (up to `group_max_transfers` transfers) form a group at
-once. Nothing waits on a timer: a lone request on an idle service is a group of one and
-goes immediately; under load, a group forms from what queued behind the transactions in
-flight, so the busier the service, the larger the groups and the fewer the transactions.
-A full queue (`group_queue_limit` transfers) answers 503 `overloaded`.
+chains). `GroupCommitter.submit` queues it; with no group in flight, the queued members
+(up to `group_max_transfers` transfers) form a group at once, and another group may start
+beside those in flight, up to `group_concurrency`, under the rules of
+`GroupCommitter._dispatch` (enough transfers, no shared id, shared accounts only behind
+small groups). Nothing waits on a timer: a lone request on an idle service is a group of
+one and goes immediately; under load, a group forms from what queued behind the
+transactions in flight, so the busier the service, the larger the groups and the fewer
+the transactions. A full queue (`group_queue_limit` transfers) answers 503 `overloaded`.
 
 A group is one database transaction of four round trips, however many members
 (`apply_group`): BEGIN; one `SELECT ... FOR UPDATE` of every account the members touch,
