@@ -337,10 +337,6 @@ def ids_of(member: Member) -> frozenset[str]:
     return frozenset("\0" + item.request.id for item in member.items)
 
 
-def keys_of(member: Member) -> frozenset[str]:
-    return ids_of(member) | accounts_of(member)
-
-
 class GroupCommitter:
     """Gathers members into groups and runs them (see the module's docstring)."""
 
@@ -412,11 +408,11 @@ class GroupCommitter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _touches_held(self, member: Member) -> bool:
+    def _touches_held(self, waiting: _Waiting) -> bool:
         if not self._held:
             return False
         now = time.monotonic()
-        for account in accounts_of(member):
+        for account in waiting.keys:  # its accounts (its ids, after a NUL, are never held)
             until = self._held.get(account)
             if until is not None:
                 if until > now:
@@ -498,7 +494,7 @@ class GroupCommitter:
                 waiting.deadline.cancel()
             if waiting.answer.done():  # its client went away, or it waited too long
                 continue
-            if self._touches_held(waiting.member):
+            if self._touches_held(waiting):
                 self._spawn(self._run_alone(waiting))
                 continue
             group.append(waiting)

@@ -8,8 +8,10 @@ coalescers show that the comparison has teeth."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -233,6 +235,32 @@ async def test_a_broken_coalescer_is_caught(
     assert await mixed_group_problems(client, engine, settings, database_url, uid)
 
 
+def one_slot(engine: AsyncEngine, settings: Settings, **options: Any) -> GroupCommitter:
+    """One transaction slot; alone, a transfer waits up to 10 s for a lock."""
+    return GroupCommitter(
+        UnitOfWork(engine.connect, dataclasses.replace(settings, lock_timeout_ms=10_000)), provision.KEYRING.active,
+        max_transfers=10, queue_limit=10, concurrency=1, **options,
+    )  # fmt: skip
+
+
+def one_transfer(uid: str, name: str, debit: str, credit: str, amount: int = 1) -> TransferMember:
+    return TransferMember(TransferRequest(
+        id=f"{uid}-{name}", debit_account_id=f"{uid}-{debit}", credit_account_id=f"{uid}-{credit}", amount=amount))  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def row_held(database_url: str, account: str) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction outside the service holding `account`'s row (rolled back by the
+    caller, or when the connection closes)."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account)
+        yield holder
+    finally:
+        await holder.close()
+
+
 async def test_a_request_queued_behind_a_stuck_write_path_gets_503_and_nothing_applies(
     client: AsyncTestClient, engine: AsyncEngine, settings: Settings, database_url: str, uid: str
 ) -> None:
@@ -241,19 +269,11 @@ async def test_a_request_queued_behind_a_stuck_write_path_gets_503_and_nothing_a
     `overloaded` after the queue timeout and is never applied, even once the lock is gone;
     the blocked one then commits."""
     await open_ledger(client, uid)
-    committer = GroupCommitter(
-        UnitOfWork(engine.connect, dataclasses.replace(settings, lock_timeout_ms=10_000)), provision.KEYRING.active,
-        max_transfers=10, queue_limit=10, concurrency=1, lock_timeout_ms=5_000, queue_timeout_seconds=0.3,
-    )  # fmt: skip
-    holder = await asyncpg.connect(database_url)
-    try:
-        await holder.execute("BEGIN")
-        await holder.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", f"{uid}-bob")
-        blocked = asyncio.create_task(committer.submit(TransferMember(TransferRequest(
-            id=f"{uid}-blocked", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-bob", amount=1))))  # fmt: skip
+    committer = one_slot(engine, settings, lock_timeout_ms=5_000, queue_timeout_seconds=0.3)
+    async with row_held(database_url, f"{uid}-bob") as holder:
+        blocked = asyncio.create_task(committer.submit(one_transfer(uid, "blocked", "bank", "bob")))
         await asyncio.sleep(0.1)
-        queued = TransferRequest(id=f"{uid}-queued", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-alice",
-                                 amount=1)  # fmt: skip
+        queued = one_transfer(uid, "queued", "bank", "alice").request
         with pytest.raises(groups.Overloaded):
             await asyncio.wait_for(committer.submit(TransferMember(queued)), timeout=3)
         assert not blocked.done()
@@ -261,8 +281,6 @@ async def test_a_request_queued_behind_a_stuck_write_path_gets_503_and_nothing_a
         assert (await blocked).transfer.status == "posted"
         await committer.close()
         assert await holder.fetchval("SELECT count(*) FROM transfers WHERE id = $1", queued.id) == 0
-    finally:
-        await holder.close()
     assert (await transfer(client, queued.id, queued.debit_account_id, queued.credit_account_id, 1)).status_code == 201
 
 
@@ -276,28 +294,18 @@ async def test_a_transfer_stuck_on_a_lock_gives_up_its_transaction_slot(
     account with the stuck transfer would wait for it: that one holds its other account's
     lock while it waits, as ordered locking does.)"""
     await open_ledger(client, uid)
-    committer = GroupCommitter(
-        UnitOfWork(engine.connect, dataclasses.replace(settings, lock_timeout_ms=10_000)), provision.KEYRING.active,
-        max_transfers=10, queue_limit=10, concurrency=1, lock_timeout_ms=200, overlap_min=8,
-    )  # fmt: skip
-    funded = await committer.submit(TransferMember(TransferRequest(
-        id=f"{uid}-fund", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-alice", amount=5)))  # fmt: skip
+    committer = one_slot(engine, settings, lock_timeout_ms=200, overlap_min=8)
+    funded = await committer.submit(one_transfer(uid, "fund", "bank", "alice", 5))
     assert funded.transfer.status == "posted"
-    holder = await asyncpg.connect(database_url)
     try:
-        await holder.execute("BEGIN")
-        await holder.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", f"{uid}-bob")
-        blocked = asyncio.create_task(committer.submit(TransferMember(TransferRequest(
-            id=f"{uid}-blocked", debit_account_id=f"{uid}-bank", credit_account_id=f"{uid}-bob", amount=1))))  # fmt: skip
-        await asyncio.sleep(0.05)
-        queued = committer.submit(TransferMember(TransferRequest(
-            id=f"{uid}-queued", debit_account_id=f"{uid}-alice", credit_account_id=f"{uid}-carol", amount=1)))  # fmt: skip
-        outcome = await asyncio.wait_for(queued, timeout=2)
-        assert outcome.transfer.status == "posted" and not blocked.done()
-        await holder.execute("ROLLBACK")
-        assert (await blocked).transfer.status == "posted"
+        async with row_held(database_url, f"{uid}-bob") as holder:
+            blocked = asyncio.create_task(committer.submit(one_transfer(uid, "blocked", "bank", "bob")))
+            await asyncio.sleep(0.05)
+            outcome = await asyncio.wait_for(committer.submit(one_transfer(uid, "queued", "alice", "carol")), timeout=2)
+            assert outcome.transfer.status == "posted" and not blocked.done()
+            await holder.execute("ROLLBACK")
+            assert (await blocked).transfer.status == "posted"
     finally:
-        await holder.close()
         await committer.close()
 
 
@@ -325,7 +333,7 @@ async def test_groups_in_flight_at_once_share_no_id_and_accounts_only_behind_sma
 
     async def watched(driver, members, *args, **kwargs):  # type: ignore[no-untyped-def]
         nonlocal side_by_side
-        keys = frozenset().union(*(groups.keys_of(member) for member in members))
+        keys = frozenset().union(*(groups.ids_of(member) | groups.accounts_of(member) for member in members))
         for other in running:
             shared_ids.extend(key for key in keys & other if key.startswith("\0"))
             shared_accounts.extend(key for key in keys & other if not key.startswith("\0"))
