@@ -1,4 +1,8 @@
-"""`ledger serve`, `ledger migrate`, `ledger keys ...` and `ledger audit ...`."""
+"""`ledger serve`, `ledger migrate`, `ledger keys ...`, `ledger audit ...` and `ledger db ...`.
+
+Every failure a user can cause (a setting, an unreachable database, a taken port) ends
+the command with one line naming the cause and a non-zero exit, before anything claims
+to be serving; a traceback is for bugs."""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ import logging
 import logging.config
 import os
 import signal
+import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -18,9 +24,9 @@ from urllib.parse import urlsplit
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger import migrate
+from ledger import __version__, migrate
 from ledger.integrity import Keyring, KeyringError, load_keyring, rotate_keyring
-from ledger.observability import logging_config
+from ledger.observability import logging_config, share_worker_metrics, stop_sharing_worker_metrics
 from ledger.settings import Settings, SettingsError
 
 logger = logging.getLogger("ledger")
@@ -35,6 +41,50 @@ def _redacted(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or "?"
     return f"{parts.scheme}://{parts.username or ''}@{host}:{parts.port or ''}{parts.path}"
+
+
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """Turn a database that cannot be reached or used into one line naming it and why."""
+    import asyncpg
+    from sqlalchemy.exc import DBAPIError, InterfaceError
+
+    try:
+        yield
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DBAPIError, InterfaceError) as error:
+        raise StartupError(f"cannot use the database at {_redacted(url)}: {_root_cause(error)}") from error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error's first line: what the driver or the kernel said."""
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "orig", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before starting anything if the HTTP port cannot be bound (as uvicorn binds
+    it: SO_REUSEADDR, so a restart's TIME_WAIT connections do not count)."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+    family, kind, protocol, _, address = addresses[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise StartupError(
+                f"cannot listen on {host}:{port}: {error.strerror} (is another service using the port? "
+                "choose another with --port or LEDGER_PORT)"
+            ) from error
 
 
 @dataclass
@@ -89,6 +139,12 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _sighup_as_sigterm(signum: int, frame: object) -> None:
+    # A closed terminal: shut down as on SIGTERM (uvicorn finishes in-flight requests,
+    # then the embedded PostgreSQL stops) instead of dying on the spot.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
@@ -96,13 +152,21 @@ def serve(settings: Settings) -> int:
     # it found: make that handler unwind the stack, so that `finally` stops the embedded
     # PostgreSQL instead of the process dying with it still running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGHUP, _sighup_as_sigterm)
     if settings.insecure_disable_auth:
         logger.warning("AUTHENTICATION IS DISABLED (LEDGER_INSECURE_DISABLE_AUTH=true): every client is admin")
-    keyring = _keyring(settings, create=True)
+    _check_port(settings.host, settings.port)
     database = _database(settings)
+    metrics_directory = None
     try:
-        migrate.upgrade(database.migration_url)
-        asyncio.run(_prepare(settings, database, keyring))
+        with _database_errors(database.migration_url):
+            migrate.upgrade(database.migration_url)
+        # Created only once the database answered: a start that fails earlier leaves nothing.
+        keyring = _keyring(settings, create=True)
+        # With several workers, where each publishes its metrics for whichever one is scraped.
+        metrics_directory = share_worker_metrics(settings.data_dir, settings.workers)
+        with _database_errors(database.serving_url):
+            asyncio.run(_prepare(settings, database, keyring))
         # Worker processes build their app from the environment: hand them the serving
         # URL only; the owner's never reaches them.
         os.environ["LEDGER_DATABASE_URL"] = database.serving_url
@@ -126,6 +190,7 @@ def serve(settings: Settings) -> int:
         )
     finally:
         database.stop()
+        stop_sharing_worker_metrics(metrics_directory)
     return 0
 
 
@@ -205,7 +270,8 @@ def _announce_admin_key(settings: Settings, key: str) -> None:
 def run_migrations(settings: Settings) -> int:
     database = _database(settings)
     try:
-        migrate.upgrade(database.migration_url)
+        with _database_errors(database.migration_url):
+            migrate.upgrade(database.migration_url)
         logger.info("database at %s is at revision %s", _redacted(database.migration_url), migrate.head_revision())
     finally:
         database.stop()
@@ -222,7 +288,8 @@ def _on_database(
     database = _database(settings)
     try:
         if migrate_first:
-            migrate.upgrade(database.migration_url)
+            with _database_errors(database.migration_url):
+                migrate.upgrade(database.migration_url)
 
         async def run() -> T:
             engine = create_engine(settings, database.migration_url if owner else database.serving_url)
@@ -231,7 +298,8 @@ def _on_database(
             finally:
                 await engine.dispose()
 
-        return asyncio.run(run())
+        with _database_errors(database.migration_url if owner else database.serving_url):
+            return asyncio.run(run())
     finally:
         database.stop()
 
@@ -377,8 +445,44 @@ def keys_command(settings: Settings, arguments: argparse.Namespace) -> int:
     return 0
 
 
+def db_command(settings: Settings, arguments: argparse.Namespace) -> int:
+    """`ledger db status|stop`: the embedded PostgreSQL of LEDGER_DATA_DIR, whoever started it."""
+    from ledger.embedded import EmbeddedPostgres
+
+    if settings.database_url:
+        print(
+            "note: LEDGER_DATABASE_URL is set, so the service does not use the embedded PostgreSQL",
+            file=sys.stderr,
+        )
+    embedded = EmbeddedPostgres(settings.data_dir)
+    if (embedded.pgdata / "PG_VERSION").exists():
+        embedded._prepare_permissions()
+    else:
+        print(f"no embedded PostgreSQL in {embedded.data_dir}")
+        return 3 if arguments.db_command == "status" else 0
+    if arguments.db_command == "stop":
+        stopped = embedded.stop_server()
+        print(f"stopped the embedded PostgreSQL in {embedded.data_dir}" if stopped else "not running")
+        return 0
+    port = embedded._running_port()
+    if port is None:
+        print(f"not running (data in {embedded.pgdata})")
+        return 3
+    owner = embedded.owner()
+    print(
+        f"running on 127.0.0.1:{port} (pid {embedded.postmaster_pid}, data in {embedded.pgdata}), "
+        + (
+            f"owned by ledger process {owner}"
+            if owner
+            else "owned by no live ledger process (the next start adopts it)"
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledger", description="A double-entry banking ledger on PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"ledger {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="apply migrations and serve HTTP")
     serve_parser.add_argument("--host", help="address to bind (LEDGER_HOST, default 127.0.0.1)")
@@ -405,6 +509,15 @@ def main(argv: list[str] | None = None) -> int:
     audit_commands.add_parser(
         "reseal", help="seal every row with the active chain key, then checkpoint (as the owner role)"
     )
+    statement_parser = commands.add_parser("statement", help="print an account's statement (ledger.statement)")
+    statement_parser.add_argument("account", help="the account's id")
+    for option, dest in (("--from", "start"), ("--to", "end")):
+        statement_parser.add_argument(option, dest=dest, metavar="TIMESTAMP", help="RFC 3339 with an offset, inclusive")
+    statement_parser.add_argument("--format", choices=["text", "csv"], default="text", help="default: text")
+    db_parser = commands.add_parser("db", help="the embedded PostgreSQL (LEDGER_DATA_DIR)")
+    db_commands = db_parser.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("status", help="is it running, on which port, and who owns it (exit 3: not running)")
+    db_commands.add_parser("stop", help="stop it, whoever started it")
     arguments = parser.parse_args(argv)
 
     overrides = {
@@ -413,11 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(**overrides)
     except SettingsError as error:
-        parser.error(str(error))
+        print(f"ledger: {error}", file=sys.stderr)
+        return 2
     logging.config.dictConfig(logging_config(settings.log_level))
+    from ledger.embedded import EmbeddedPostgresError
+
     try:
         if arguments.command == "serve":
             return serve(settings)
+        if arguments.command == "db":
+            return db_command(settings, arguments)
         if arguments.command == "keys":
             return keys_command(settings, arguments)
         if arguments.command == "audit":
@@ -428,7 +546,18 @@ def main(argv: list[str] | None = None) -> int:
             if arguments.audit_command == "rotate-chain-key":
                 return audit_rotate(settings)
             return audit_reseal(settings)
+        if arguments.command == "statement":
+            from ledger import statement
+
+            return statement.run(settings, arguments, _on_database)
         return run_migrations(settings)
     except (StartupError, KeyringError) as error:
         print(f"ledger: {error}", file=sys.stderr)
+        return 2
+    except EmbeddedPostgresError as error:
+        # Its message ends with PostgreSQL's log tail: the first line says what failed.
+        print(
+            f"ledger: embedded PostgreSQL: {str(error).splitlines()[0]} (log: {settings.data_dir}/postgresql.log)",
+            file=sys.stderr,
+        )
         return 2

@@ -6,7 +6,8 @@ when neither a URL nor a Docker engine is available. The server:
 - keeps its data in `<data_dir>/pgdata` and is reused on the next start (initdb runs once);
 - listens on 127.0.0.1 only, on a port chosen free at the first start and kept in
   `pgdata/ledger.conf` (so the URL stays the same across restarts, including a plain
-  `pg_ctl -D <data_dir>/pgdata start` after a crash), with SCRAM password authentication (the
+  `pg_ctl -D <data_dir>/pgdata start` after a crash, and a quick restart whose old
+  connections still linger in TIME_WAIT), with SCRAM password authentication (the
   password is generated at initdb and kept in `<data_dir>/credentials.json`, mode 0600),
   so other local users cannot connect as its superuser;
 - runs as an unprivileged system user when started by root, because PostgreSQL refuses
@@ -16,6 +17,15 @@ when neither a URL nor a Docker engine is available. The server:
   owns the tables, and `ledger_app`, a member of `ledger_service` (which the migrations
   grant exactly what serving needs), which the service serves as (`service_url`). Its
   password is generated too and kept beside the superuser's.
+
+- stops when the process that started it stops, however it stops: `stop()` on a normal
+  exit, and otherwise a watchdog process started beside it, which holds the read end of
+  a pipe whose write end only the owner holds. When the owner dies (SIGKILL, a crash,
+  a closed terminal) the kernel closes the pipe and the watchdog stops the server. Who
+  owns the server is written in `<data_dir>/embedded.owner`; a start that finds the
+  server running under a live owner (a `ledger keys ...` beside `ledger serve`) uses it
+  and leaves it alone, and one that finds it running with no live owner adopts it and
+  then stops it like its own.
 
 Only the wheel's binaries are used (initdb, pg_ctl, psql). Its Python wrapper is not,
 because it listens on a Unix socket only, trusts every local user and stops the server
@@ -30,9 +40,12 @@ import logging
 import os
 import pwd
 import secrets
+import signal
 import socket
 import stat
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -90,9 +103,11 @@ class EmbeddedPostgres:
         self.log_file = self.data_dir / "postgresql.log"
         self.config_file = self.pgdata / "ledger.conf"
         self.bin = binaries_dir()
+        self.owner_file = self.data_dir / "embedded.owner"
         self.started_here = False
         self.port: int | None = None
         self._run_as = self._system_user() if os.geteuid() == 0 else None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     # -- public -----------------------------------------------------------------------
 
@@ -120,22 +135,55 @@ class EmbeddedPostgres:
             self._initdb()
         running_port = self._running_port()
         if running_port is not None:
-            logger.info("reusing the embedded PostgreSQL already running on port %s", running_port)
             self.port = running_port
+            owner = self.owner()
+            if owner is not None and owner != os.getpid():
+                logger.info("using the embedded PostgreSQL on port %s, run by ledger process %s", running_port, owner)
+            elif owner is None:
+                # Left running by a process that died before it could stop it: from now on
+                # it is ours, and stops when we do.
+                logger.warning(
+                    "adopting the embedded PostgreSQL left running on port %s; it stops when this process stops",
+                    running_port,
+                )
+                self._own()
         else:
             self.port = self.fixed_port or self._saved_port() or _free_port()
             self._write_config()
+            # Owned (and watched) before it starts: a signal during the start cannot
+            # leave it running with nobody to stop it.
+            self._own()
             self._pg_ctl("start", "-w", "-t", str(START_TIMEOUT_SECONDS), "-l", str(self.log_file))
-            self.started_here = True
         self._ensure_database()
         return self.url
 
     def stop(self) -> None:
-        """Stop the server if this object started it (fast shutdown: clients disconnected,
-        committed work kept)."""
+        """Stop the server if this object started (or adopted) it (fast shutdown: clients
+        disconnected, committed work kept)."""
         if self.started_here:
-            self._pg_ctl("stop", "-w", "-m", "fast")
+            if self.running():
+                self._pg_ctl("stop", "-w", "-m", "fast")
             self.started_here = False
+            self._disown()
+
+    def running(self) -> bool:
+        return self._running_port() is not None
+
+    def owner(self) -> int | None:
+        """The live process that owns the running server, if any."""
+        try:
+            pid = int(json.loads(self.owner_file.read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return pid if _alive(pid) else None
+
+    def stop_server(self) -> bool:
+        """Stop the server whoever runs it (`ledger db stop`); False if it was not running."""
+        if not self.running():
+            return False
+        self._pg_ctl("stop", "-w", "-m", "fast")
+        self.owner_file.unlink(missing_ok=True)
+        return True
 
     def crash(self) -> None:
         """Immediate shutdown: every process exits at once, without a checkpoint, as in a
@@ -159,6 +207,32 @@ class EmbeddedPostgres:
         self.stop()
 
     # -- internals --------------------------------------------------------------------
+
+    def _own(self) -> None:
+        write_private_json(self.owner_file, {"pid": str(os.getpid())})
+        self.started_here = True
+        if self._watchdog is None or self._watchdog.poll() is not None:
+            # Its own session: a Ctrl-C or a closed terminal, which reach the service's
+            # process group, do not reach it. Its stdin is the pipe only we write to.
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "ledger.embedded", "watch", str(self.data_dir), str(os.getpid())],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def _disown(self) -> None:
+        try:
+            if self.owner() == os.getpid():
+                self.owner_file.unlink(missing_ok=True)
+        finally:
+            if self._watchdog is not None:
+                # EOF: the watchdog finds no owner and exits without touching anything.
+                if self._watchdog.stdin is not None:
+                    self._watchdog.stdin.close()
+                self._watchdog.wait(timeout=30)
+                self._watchdog = None
 
     def _system_user(self) -> pwd.struct_passwd:
         try:
@@ -198,9 +272,15 @@ class EmbeddedPostgres:
             if key.strip() == "port" and value.strip().isdigit():
                 port = int(value.strip())
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    # As PostgreSQL itself binds: connections of the last run still in
+                    # TIME_WAIT do not make the port unusable.
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     try:
                         probe.bind(("127.0.0.1", port))
                     except OSError:
+                        logger.warning(
+                            "the embedded PostgreSQL's port %s is taken by another program: moving to a new one", port
+                        )
                         return None
                 return port
         return None
@@ -259,8 +339,10 @@ class EmbeddedPostgres:
     def _running_port(self) -> int | None:
         """The port of a server already running on this data directory, if any."""
         status = self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False)
-        if status.returncode != 0:
+        if status.returncode == 3:
             return None
+        if status.returncode != 0:
+            raise EmbeddedPostgresError(f"pg_ctl status failed ({status.returncode}): {status.stderr.strip()}")
         lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
         return int(lines[3])
 
@@ -332,7 +414,52 @@ class EmbeddedPostgres:
         )
         if check and result.returncode != 0:
             log_tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+            said = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+            # The first line is what a user sees (`ledger: ...`): the program and its last words.
             raise EmbeddedPostgresError(
-                f"{program} {' '.join(arguments)} failed ({result.returncode}):\n{result.stderr.strip()}\n{log_tail}"
+                f"{program} {arguments[0] if arguments else ''} failed ({result.returncode}): "
+                f"{said[-1].strip() if said else 'no output'}\n{' '.join(arguments)}\n{result.stderr.strip()}\n{log_tail}"
             )
         return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        # A zombie has exited: it only waits for its parent to read its status.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def watch(data_dir: str, owner_pid: int) -> None:
+    """The watchdog: block until the owner's pipe closes (it stopped, or died), then stop
+    the server if the owner never did (its owner file still names it)."""
+    for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(ignored, signal.SIG_IGN)
+    while sys.stdin.buffer.read(4096):
+        pass
+    server = EmbeddedPostgres(Path(data_dir))
+    try:
+        recorded = int(json.loads(server.owner_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if recorded != owner_pid:
+        return
+    # The owner may still be unwinding (its own stop under way): give it a moment.
+    deadline = time.monotonic() + 15
+    while _alive(owner_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if server.owner() is None and server.running():
+        server._pg_ctl("stop", "-w", "-m", "fast")
+        server.owner_file.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "watch":
+        watch(sys.argv[2], int(sys.argv[3]))

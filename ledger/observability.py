@@ -11,30 +11,43 @@
   (a path scan) is logged with its path, truncated.
 - The middleware wraps the whole application, routing included, so 404 and 405 answers
   get a request id, an access line and a metric like every other response.
-- `/metrics` is the Prometheus text format, kept in-process: with `--workers N` each
-  worker process reports its own figures (each series has a `process` label), so scrape
-  every worker or run one worker per instance.
+- `/metrics` is the Prometheus text format. Counting costs a dict update per event; with
+  `ledger serve --workers N`, workers share their figures through snapshot files, so any
+  worker's answer covers the whole service (see `Metrics`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
+from bisect import bisect_left
 from collections import defaultdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+import msgspec
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 access_logger = logging.getLogger("ledger.access")
+logger = logging.getLogger("ledger.metrics")
 
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# Set by `ledger serve --workers N` for its workers (see `Metrics`).
+METRICS_DIRECTORY_VARIABLE = "LEDGER_WORKER_METRICS_DIR"
+# How stale another worker's figures may be in a scrape.
+PUBLISH_INTERVAL_SECONDS = 1.0
 
 
 # What database errors say about the values of a statement: PostgreSQL's DETAIL line
@@ -84,40 +97,87 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
-class Metrics:
-    """Counters, a latency histogram and pool gauges, rendered as Prometheus text."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
 
-    def __init__(self) -> None:
+
+def share_worker_metrics(data_dir: Path, workers: int) -> Path | None:
+    """For `ledger serve`: with several workers, a fresh directory where each worker
+    publishes its figures (`<data_dir>/metrics/<pid of ledger serve>`), named to the
+    workers by `LEDGER_WORKER_METRICS_DIR`. Directories of `ledger serve` processes that
+    are gone are removed; another live one's (same data directory) is left alone."""
+    if workers <= 1:
+        os.environ.pop(METRICS_DIRECTORY_VARIABLE, None)  # one process is the whole service
+        return None
+    root = data_dir.resolve() / "metrics"
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name.isdigit() and (int(entry.name) == os.getpid() or not _alive(int(entry.name))):
+            shutil.rmtree(entry, ignore_errors=True)
+    directory = root / str(os.getpid())
+    directory.mkdir(mode=0o700)
+    os.environ[METRICS_DIRECTORY_VARIABLE] = str(directory)
+    return directory
+
+
+def stop_sharing_worker_metrics(directory: Path | None) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class Metrics:
+    """Counters, histograms and gauges, rendered as Prometheus text.
+
+    Recording is a dict or list update and nothing else: it runs on every request. Bucket
+    counts are kept per bucket (one increment, found by bisection) and made cumulative
+    when rendered.
+
+    With a `directory` (from `LEDGER_WORKER_METRICS_DIR`, set by `ledger serve --workers
+    N`), the worker writes a snapshot of its figures there every
+    `PUBLISH_INTERVAL_SECONDS` and at shutdown, and a scrape answers for the whole
+    service: counters and histograms summed over the snapshots of every worker this
+    service ever ran (a dead worker's last figures stay, so totals never go backwards),
+    with `process` set to the pid of `ledger serve`; gauges one series per live worker,
+    `process` being the worker's pid. The scraped worker first writes its own snapshot,
+    so each worker's share only grows from one scrape to the next, whichever worker
+    answers. Without a directory, the figures are this process's own, as they are the
+    whole service's.
+    """
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        directory = directory or os.environ.get(METRICS_DIRECTORY_VARIABLE) or None
+        self.directory = Path(directory) if directory else None
+        self.pid = os.getpid()
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self.transfer_outcomes: dict[str, int] = defaultdict(int)
         self.retries: dict[str, int] = defaultdict(int)
         self.unavailable_answers: dict[str, int] = defaultdict(int)
-        self.latency_buckets: dict[str, list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS_SECONDS))
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.latency_count: dict[str, int] = defaultdict(int)
-        self.group_buckets = [0] * len(GROUP_BUCKETS)
+        # Per (method, route): a count per latency bucket, the last one past the largest bound.
+        self.latency: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS_SECONDS) + 1))
+        self.latency_sum: dict[tuple[str, str], float] = defaultdict(float)
+        self.group_buckets = [0] * (len(GROUP_BUCKETS) + 1)
         self.group_transfers = 0
-        self.group_count = 0
         self.pool: Any = None
         self.unit_of_work: Any = None
         self.groups: Any = None
+        self._published = b""
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests[(method, route, status)] += 1
-        key = f"{method} {route}"
-        for index, bound in enumerate(LATENCY_BUCKETS_SECONDS):
-            if seconds <= bound:
-                self.latency_buckets[key][index] += 1
+        key = (method, route)
+        self.latency[key][bisect_left(LATENCY_BUCKETS_SECONDS, seconds)] += 1
         self.latency_sum[key] += seconds
-        self.latency_count[key] += 1
 
     def group(self, transfers: int) -> None:
         """A group transaction of `transfers` transfers started (ledger.service.groups)."""
-        for index, bound in enumerate(GROUP_BUCKETS):
-            if transfers <= bound:
-                self.group_buckets[index] += 1
+        self.group_buckets[bisect_left(GROUP_BUCKETS, transfers)] += 1
         self.group_transfers += transfers
-        self.group_count += 1
 
     def transfer_outcome(self, code: str) -> None:
         self.transfer_outcomes[code] += 1
@@ -128,74 +188,204 @@ class Metrics:
     def unavailable(self, code: str) -> None:
         self.unavailable_answers[code] += 1
 
-    def render(self) -> str:
-        process = f'process="{os.getpid()}"'
-        lines = [
-            "# HELP ledger_requests_total HTTP requests by method, route and status.",
-            "# TYPE ledger_requests_total counter",
-        ]
-        for (method, route, status), count in sorted(self.requests.items()):
-            lines.append(
-                f'ledger_requests_total{{{process},method="{method}",route="{route}",status="{status}"}} {count}'
-            )
-        lines += [
-            "# HELP ledger_request_duration_seconds Request latency by method and route.",
-            "# TYPE ledger_request_duration_seconds histogram",
-        ]
-        for key, buckets in sorted(self.latency_buckets.items()):
-            method, route = key.split(" ", 1)
-            labels = f'{process},method="{method}",route="{route}"'
-            for bound, count in zip(LATENCY_BUCKETS_SECONDS, buckets, strict=True):
-                lines.append(f'ledger_request_duration_seconds_bucket{{{labels},le="{bound}"}} {count}')
-            lines.append(f'ledger_request_duration_seconds_bucket{{{labels},le="+Inf"}} {self.latency_count[key]}')
-            lines.append(f"ledger_request_duration_seconds_sum{{{labels}}} {self.latency_sum[key]:.6f}")
-            lines.append(f"ledger_request_duration_seconds_count{{{labels}}} {self.latency_count[key]}")
-        lines += [
-            "# HELP ledger_transfer_outcomes_total Transfer outcomes by code (created, replayed, or the refusal code).",
-            "# TYPE ledger_transfer_outcomes_total counter",
-        ]
-        for code, count in sorted(self.transfer_outcomes.items()):
-            lines.append(f'ledger_transfer_outcomes_total{{{process},code="{code}"}} {count}')
-        lines += [
-            "# HELP ledger_transaction_retries_total Whole transactions re-run, by reason.",
-            "# TYPE ledger_transaction_retries_total counter",
-        ]
-        for reason, count in sorted(self.retries.items()):
-            lines.append(f'ledger_transaction_retries_total{{{process},reason="{reason}"}} {count}')
-        lines += [
-            "# HELP ledger_unavailable_total 503 answers by code (lock_timeout, overloaded, unavailable).",
-            "# TYPE ledger_unavailable_total counter",
-        ]
-        for code, count in sorted(self.unavailable_answers.items()):
-            lines.append(f'ledger_unavailable_total{{{process},code="{code}"}} {count}')
-        lines += [
-            "# HELP ledger_group_transfers Transfers per group transaction (group commit).",
-            "# TYPE ledger_group_transfers histogram",
-        ]
-        for bound, count in zip(GROUP_BUCKETS, self.group_buckets, strict=True):
-            lines.append(f'ledger_group_transfers_bucket{{{process},le="{bound}"}} {count}')
-        lines.append(f'ledger_group_transfers_bucket{{{process},le="+Inf"}} {self.group_count}')
-        lines.append(f"ledger_group_transfers_sum{{{process}}} {self.group_transfers}")
-        lines.append(f"ledger_group_transfers_count{{{process}}} {self.group_count}")
+    def snapshot(self) -> dict[str, Any]:
+        """This process's figures as plain data (what a worker publishes)."""
+        gauges: dict[str, Any] = {}
         if self.groups is not None:
-            lines += [
-                "# HELP ledger_group_queue Transfers waiting for a group transaction.",
-                "# TYPE ledger_group_queue gauge",
-                f"ledger_group_queue{{{process}}} {self.groups.queued}",
-            ]
+            gauges["group_queue"] = self.groups.queued
         if self.pool is not None:
-            lines += [
-                "# HELP ledger_pool_connections Database connections by state.",
-                "# TYPE ledger_pool_connections gauge",
-                f'ledger_pool_connections{{{process},state="in_use"}} {self.pool.checkedout()}',
-                f'ledger_pool_connections{{{process},state="idle"}} {self.pool.checkedin()}',
-                f'ledger_pool_connections{{{process},state="overflow"}} {max(self.pool.overflow(), 0)}',
-                f'ledger_pool_connections{{{process},state="waiting"}} {self.unit_of_work.waiting if self.unit_of_work else 0}',
-                "# HELP ledger_pool_size Configured pool size.",
-                "# TYPE ledger_pool_size gauge",
-                f"ledger_pool_size{{{process}}} {self.pool.size()}",
-            ]
-        return "\n".join(lines) + "\n"
+            gauges["pool"] = {
+                "in_use": self.pool.checkedout(),
+                "idle": self.pool.checkedin(),
+                "overflow": max(self.pool.overflow(), 0),
+                "waiting": self.unit_of_work.waiting if self.unit_of_work else 0,
+            }
+            gauges["pool_size"] = self.pool.size()
+        return {
+            "requests": [[method, route, status, count] for (method, route, status), count in self.requests.items()],
+            "latency": [
+                [method, route, buckets, self.latency_sum[method, route]]
+                for (method, route), buckets in self.latency.items()
+            ],
+            "outcomes": self.transfer_outcomes,
+            "retries": self.retries,
+            "unavailable": self.unavailable_answers,
+            "groups": [self.group_buckets, self.group_transfers],
+            "gauges": gauges,
+        }
+
+    def publish(self, snapshot: dict[str, Any] | None = None) -> None:
+        """Write this worker's snapshot for the other workers' scrapes (atomically: a
+        reader sees the previous snapshot or this one)."""
+        if self.directory is None:
+            return
+        encoded = msgspec.json.encode(snapshot if snapshot is not None else self.snapshot())
+        if encoded == self._published:
+            return
+        staging = self.directory / f".{self.pid}.tmp"
+        try:
+            staging.write_bytes(encoded)
+            os.replace(staging, self.directory / f"{self.pid}.json")
+        except OSError as error:  # the next publication tries again; serving goes on
+            logger.warning("cannot publish this worker's metrics in %s: %s", self.directory, error)
+            return
+        self._published = encoded
+
+    def start_publishing(self) -> list[asyncio.Task[None]]:
+        """In the serving event loop: publish now, then every interval and once more when
+        cancelled (at shutdown). Nothing to do without a directory."""
+        if self.directory is None:
+            return []
+        own = self.directory / f"{self.pid}.json"
+        if own.exists():  # left by an earlier process with this pid: its counts still count
+            with contextlib.suppress(OSError):
+                os.replace(own, self.directory / f"{self.pid}-{uuid.uuid4().hex}.json")
+        self.publish()
+        return [asyncio.create_task(self._publish_every(PUBLISH_INTERVAL_SECONDS), name="ledger-metrics-publisher")]
+
+    async def _publish_every(self, seconds: float) -> None:
+        try:
+            while True:
+                await asyncio.sleep(seconds)
+                self.publish()
+        finally:
+            self.publish()
+
+    def render(self, ready: bool | None = None) -> str:
+        """The Prometheus text of the whole service. `ready`, when given, is this
+        process's readiness (`ledger_ready`)."""
+        own = self.snapshot()
+        if self.directory is None:
+            return _render([own], [(self.pid, own["gauges"])], self.pid, (self.pid, ready))
+        self.publish(own)
+        snapshots, gauges = [own], [(self.pid, own["gauges"])]
+        for path in sorted(self.directory.glob("*.json")):
+            worker = path.stem
+            if worker == str(self.pid):
+                continue
+            try:
+                snapshot = msgspec.json.decode(path.read_bytes())
+            except (OSError, msgspec.DecodeError) as error:
+                logger.warning("cannot read the worker metrics %s: %s", path, error)
+                continue
+            snapshots.append(snapshot)
+            if worker.isdigit() and _alive(int(worker)):
+                gauges.append((int(worker), snapshot["gauges"]))
+        service = int(self.directory.name) if self.directory.name.isdigit() else self.pid
+        return _render(snapshots, sorted(gauges, key=lambda item: item[0]), service, (self.pid, ready))
+
+
+def _render(
+    snapshots: list[dict[str, Any]],
+    gauges: list[tuple[int, dict[str, Any]]],
+    service: int,
+    readiness: tuple[int, bool | None],
+) -> str:
+    """Counters and histograms summed over `snapshots`, labelled with the `service` pid;
+    gauges one series per (worker pid, gauges)."""
+    requests: dict[tuple[str, str, int], int] = defaultdict(int)
+    latency: dict[tuple[str, str], list[int]] = {}
+    latency_sum: dict[tuple[str, str], float] = defaultdict(float)
+    counters: dict[str, dict[str, int]] = {
+        "outcomes": defaultdict(int),
+        "retries": defaultdict(int),
+        "unavailable": defaultdict(int),
+    }
+    group_buckets = [0] * (len(GROUP_BUCKETS) + 1)
+    group_transfers = 0
+    for snapshot in snapshots:
+        for method, route, status, count in snapshot["requests"]:
+            requests[method, route, status] += count
+        for method, route, buckets, seconds in snapshot["latency"]:
+            merged = latency.setdefault((method, route), [0] * (len(LATENCY_BUCKETS_SECONDS) + 1))
+            for index, count in enumerate(buckets):
+                merged[index] += count
+            latency_sum[method, route] += seconds
+        for name, totals in counters.items():
+            for label, count in snapshot[name].items():
+                totals[label] += count
+        buckets, transfers = snapshot["groups"]
+        for index, count in enumerate(buckets):
+            group_buckets[index] += count
+        group_transfers += transfers
+
+    process = f'process="{service}"'
+    lines = [
+        "# HELP ledger_requests_total HTTP requests by method, route and status.",
+        "# TYPE ledger_requests_total counter",
+    ]
+    for (method, route, status), count in sorted(requests.items()):
+        lines.append(f'ledger_requests_total{{{process},method="{method}",route="{route}",status="{status}"}} {count}')
+    lines += [
+        "# HELP ledger_request_duration_seconds Request latency by method and route.",
+        "# TYPE ledger_request_duration_seconds histogram",
+    ]
+    for (method, route), buckets in sorted(latency.items()):
+        labels = f'{process},method="{method}",route="{route}"'
+        lines += _histogram("ledger_request_duration_seconds", labels, LATENCY_BUCKETS_SECONDS, buckets)
+        lines.append(f"ledger_request_duration_seconds_sum{{{labels}}} {latency_sum[method, route]:.6f}")
+        lines.append(f"ledger_request_duration_seconds_count{{{labels}}} {sum(buckets)}")
+    for name, label, family, description in (
+        (
+            "outcomes",
+            "code",
+            "ledger_transfer_outcomes_total",
+            "Transfer outcomes by code (created, replayed, or the refusal code).",
+        ),
+        ("retries", "reason", "ledger_transaction_retries_total", "Whole transactions re-run, by reason."),
+        (
+            "unavailable",
+            "code",
+            "ledger_unavailable_total",
+            "503 answers by code (lock_timeout, overloaded, unavailable).",
+        ),
+    ):
+        lines += [f"# HELP {family} {description}", f"# TYPE {family} counter"]
+        for value, count in sorted(counters[name].items()):
+            lines.append(f'{family}{{{process},{label}="{value}"}} {count}')
+    lines += [
+        "# HELP ledger_group_transfers Transfers per group transaction (group commit).",
+        "# TYPE ledger_group_transfers histogram",
+        *_histogram("ledger_group_transfers", process, GROUP_BUCKETS, group_buckets),
+        f"ledger_group_transfers_sum{{{process}}} {group_transfers}",
+        f"ledger_group_transfers_count{{{process}}} {sum(group_buckets)}",
+    ]
+    queues = [(pid, values["group_queue"]) for pid, values in gauges if "group_queue" in values]
+    if queues:
+        lines += [
+            "# HELP ledger_group_queue Transfers waiting for a group transaction, per worker process.",
+            "# TYPE ledger_group_queue gauge",
+        ]
+        lines += [f'ledger_group_queue{{process="{pid}"}} {queued}' for pid, queued in queues]
+    pools = [(pid, values["pool"], values["pool_size"]) for pid, values in gauges if "pool" in values]
+    if pools:
+        lines += [
+            "# HELP ledger_pool_connections Database connections by state, per worker process (each has its pool).",
+            "# TYPE ledger_pool_connections gauge",
+        ]
+        for pid, pool, _ in pools:
+            for state in ("in_use", "idle", "overflow", "waiting"):
+                lines.append(f'ledger_pool_connections{{process="{pid}",state="{state}"}} {pool[state]}')
+        lines += ["# HELP ledger_pool_size Configured pool size, per worker process.", "# TYPE ledger_pool_size gauge"]
+        lines += [f'ledger_pool_size{{process="{pid}"}} {size}' for pid, _, size in pools]
+    pid, ready = readiness
+    if ready is not None:
+        lines += [
+            "# HELP ledger_ready 1 when the answering process's database is reachable and migrated (/health/ready).",
+            "# TYPE ledger_ready gauge",
+            f'ledger_ready{{process="{pid}"}} {int(ready)}',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _histogram(name: str, labels: str, bounds: tuple[float, ...], buckets: list[int]) -> list[str]:
+    """Cumulative `_bucket` lines from per-bucket counts (the last one past every bound)."""
+    lines, cumulative = [], 0
+    for bound, count in zip(bounds, buckets, strict=False):
+        cumulative += count
+        lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
+    lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {cumulative + buckets[-1]}')
+    return lines
 
 
 def request_id_middleware(metrics: Metrics, access_log: bool) -> Any:

@@ -176,6 +176,17 @@ class Settings:
                 f"(got {len(self.admin_key)}); generate one with: "
                 "python3 -c 'import secrets; print(\"lk_\" + secrets.token_urlsafe(32))'"
             )
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise SettingsError(f"LEDGER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        for name in ("database_url", "migration_database_url"):
+            url = getattr(self, name)
+            if url is not None:
+                scheme = url.strip().partition("://")[0].lower()
+                if "://" not in url or scheme not in DATABASE_SCHEMES:
+                    raise SettingsError(
+                        f"LEDGER_{name.upper()} must be a PostgreSQL URL (postgresql://user:password@host:5432/db), "
+                        f"got one starting {scheme[:20]!r}"
+                    )
         if self.default_page_size > self.max_page_size:
             raise SettingsError("LEDGER_DEFAULT_PAGE_SIZE must not exceed LEDGER_MAX_PAGE_SIZE")
         if self.lock_timeout_ms >= self.statement_timeout_ms:
@@ -197,6 +208,8 @@ class Settings:
         return self.checkpoint_dir or self.data_dir / "checkpoints"
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 MIN_ADMIN_KEY_LENGTH = 32
 ADMIN_KEY_RE = re.compile(rf"[\x21-\x7e]{{{MIN_ADMIN_KEY_LENGTH},}}")
 

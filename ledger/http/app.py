@@ -140,6 +140,8 @@ def create_app(
                     name="ledger-checkpointer",
                 )
             )
+        # With `ledger serve --workers N`: this worker's figures, for whichever worker is scraped.
+        tasks += metrics.start_publishing()
         _tune_garbage_collector()
         try:
             yield

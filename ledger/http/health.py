@@ -50,7 +50,20 @@ async def ready(state: State) -> Response[Health]:
     return Response(Health(status="ok", checks={"database": "ok", "schema": str(version)}), status_code=200)
 
 
-@get("/metrics", operation_id="metrics", tags=["health"], media_type="text/plain; version=0.0.4; charset=utf-8")
+# Litestar appends "; charset=utf-8" to every text/* media type: naming it here as well
+# doubled it.
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4"
+
+
+@get("/metrics", operation_id="metrics", tags=["health"], media_type=METRICS_MEDIA_TYPE)
 async def metrics_endpoint(state: State) -> str:
-    """Prometheus text format: requests, latencies, transfer outcomes, retries, the pool."""
-    return state.metrics.render()
+    """Prometheus text format for the whole service (every worker): requests, latencies,
+    transfer outcomes, retries, 503s, group commit, the pool, and readiness."""
+    # Readiness as /health/ready answers it, bounded so that a scrape always answers:
+    # a database that does not answer in time means not ready.
+    try:
+        async with asyncio.timeout(READINESS_TIMEOUT_SECONDS + 1):
+            is_ready = (await ready.fn(state)).status_code == 200
+    except TimeoutError:
+        is_ready = False
+    return state.metrics.render(ready=is_ready)

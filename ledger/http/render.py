@@ -63,6 +63,8 @@ def entry_out(entry: EntryRecord) -> EntryOut:
         created_at=format_timestamp(entry.created_at),
         hash=entry.hash.hex(),
         key_id=entry.key_id,
+        counterparty_account_id=entry.counterparty_account_id,
+        description=entry.description,
     )
 
 

@@ -202,6 +202,10 @@ class EntryOut(msgspec.Struct):
     hash: str
     # The chain key `hash` is an HMAC under ("" for the SHA-256 chain of old entries).
     key_id: str
+    # From the entry's transfer, outside the hash: the transfer's other account and its
+    # description (null when it has none).
+    counterparty_account_id: str | None
+    description: str | None
 
 
 class AccountBalanceOut(msgspec.Struct):

@@ -479,13 +479,19 @@ async def trial_balance(
 
 
 STATEMENT_PAGE = 1000
+# Each entry with its transfer's other account and description (not part of the hashed
+# entry), one primary-key lookup per row; an outer join, so the statement stays whole
+# even if a transfer row were missing (verification reports entry_without_transfer).
 STATEMENT = text(
     """
-    SELECT sequence, transfer_id, amount, balance_after, created_at, hash, key_id FROM entries
-    WHERE account_id = :account AND sequence > :after AND sequence <= :last
-      AND (CAST(:start AS timestamptz) IS NULL OR created_at >= :start)
-      AND (CAST(:end AS timestamptz) IS NULL OR created_at <= :end)
-    ORDER BY sequence LIMIT :limit
+    SELECT e.sequence, e.transfer_id, e.amount, e.balance_after, e.created_at, e.hash, e.key_id,
+           CASE WHEN e.amount > 0 THEN t.debit_account_id ELSE t.credit_account_id END AS counterparty_account_id,
+           t.description
+    FROM entries e LEFT JOIN transfers t ON t.id = e.transfer_id
+    WHERE e.account_id = :account AND e.sequence > :after AND e.sequence <= :last
+      AND (CAST(:start AS timestamptz) IS NULL OR e.created_at >= :start)
+      AND (CAST(:end AS timestamptz) IS NULL OR e.created_at <= :end)
+    ORDER BY e.sequence LIMIT :limit
     """
 )
 ACCOUNT_HEAD = text("SELECT entries_count FROM accounts WHERE id = :account")

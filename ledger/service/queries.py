@@ -78,6 +78,15 @@ TRANSFER_COLUMNS = tuple(
     EFFECTIVE_STATUS.label("status") if column.key == "status" else column for column in Transfer.__table__.columns
 )
 ENTRY_COLUMNS = tuple(Entry.__table__.columns)
+# What an entry reads with, from its transfer (joined on the transfers' primary key, one
+# index lookup per entry of the page): a credit entry's counterparty is the transfer's
+# debit account, a debit entry's its credit account.
+ENTRY_TRANSFER_COLUMNS = (
+    case((Entry.amount > 0, Transfer.debit_account_id), else_=Transfer.credit_account_id).label(
+        "counterparty_account_id"
+    ),
+    Transfer.description,
+)
 
 
 class LedgerQueries:
@@ -146,9 +155,16 @@ class LedgerQueries:
     async def entries(
         self, account_id: str, *, start: datetime | None, end: datetime | None, limit: int, cursor: str | None
     ) -> Page[EntryRecord]:
-        """An account's journal, oldest first, keyset-paginated on sequence."""
+        """An account's journal, oldest first, keyset-paginated on sequence, each entry with
+        its transfer's counterparty and description."""
+        # An outer join: the journal reads whole and gap-free even if a transfer row were
+        # missing (the audit reports that as entry_without_transfer).
         statement = (
-            select(*ENTRY_COLUMNS).where(Entry.account_id == account_id).order_by(Entry.sequence).limit(limit + 1)
+            select(*ENTRY_COLUMNS, *ENTRY_TRANSFER_COLUMNS)
+            .outerjoin(Transfer, Transfer.id == Entry.transfer_id)
+            .where(Entry.account_id == account_id)
+            .order_by(Entry.sequence)
+            .limit(limit + 1)
         )
         if start is not None:
             statement = statement.where(Entry.created_at >= start)

@@ -132,6 +132,11 @@ class EntryRecord:
     created_at: datetime
     hash: bytes
     key_id: str
+    # From the entry's transfer, not part of the hashed entry: the transfer's other
+    # account (its debit account for a credit entry, its credit account for a debit
+    # entry) and its description. None when the transfer row cannot be read.
+    counterparty_account_id: str | None = None
+    description: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,7 +137,9 @@ async def test_the_csv_statement_streams_every_page_from_one_snapshot(client: As
     response = await client.get(f"/v1/accounts/{long}/entries", headers={"Accept": "text/csv"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
     lines = response.text.strip().split("\r\n")
-    assert lines[0] == "account_id,sequence,transfer_id,amount,balance_after,created_at,hash,key_id"
+    assert lines[0] == (
+        "account_id,sequence,transfer_id,amount,balance_after,created_at,hash,key_id,counterparty_account_id,description"
+    )
     rows = [line.split(",") for line in lines[1:]]
     assert [int(row[1]) for row in rows] == list(range(1, 4501))
     running, previous = 0, None

@@ -1,0 +1,487 @@
+"""`LedgerClient` (on httpx.Client) and `AsyncLedgerClient` (on httpx.AsyncClient): the
+same methods, one blocking, one awaitable. Requests, retries and errors are decided in
+`ledger.client._core`; here they are only sent."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Self, TypeVar
+
+import httpx
+
+from ledger.client import _core
+from ledger.client._core import Attempts, Call, Done, Settings
+from ledger.client.models import (
+    Account,
+    AccountBalance,
+    ApiKey,
+    AuditReport,
+    BatchResult,
+    CreatedApiKey,
+    Entry,
+    Health,
+    NewTransfer,
+    Page,
+    Transfer,
+    TrialBalance,
+)
+
+T = TypeVar("T")
+
+
+class _Base:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = _core.TIMEOUT_SECONDS,
+        connect_timeout: float = _core.CONNECT_TIMEOUT_SECONDS,
+        max_attempts: int = _core.MAX_ATTEMPTS,
+        base_backoff: float = _core.BASE_BACKOFF_SECONDS,
+        max_backoff: float = _core.MAX_BACKOFF_SECONDS,
+        total_timeout: float = _core.TOTAL_TIMEOUT_SECONDS,
+        max_connections: int = _core.MAX_CONNECTIONS,
+        max_keepalive_connections: int = _core.MAX_KEEPALIVE_CONNECTIONS,
+        keepalive_expiry: float = _core.KEEPALIVE_EXPIRY_SECONDS,
+        headers: Mapping[str, str] | None = None,
+        verify: Any = True,
+        transport: Any = None,
+    ) -> None:
+        """`timeout`: seconds per attempt; `total_timeout`: seconds per call, every
+        attempt and wait included; `max_attempts`: attempts per call; waits between
+        attempts double from `base_backoff` up to `max_backoff` (with jitter), or last
+        what `Retry-After` asks. `max_connections`, `max_keepalive_connections`,
+        `keepalive_expiry`: the connection pool. `transport`: an httpx transport (for
+        tests, or a custom TLS or proxy set-up)."""
+        if not api_key:
+            raise ValueError("an API key is required")
+        self.settings = Settings(
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_attempts=max_attempts,
+            base_backoff=base_backoff,
+            max_backoff=max_backoff,
+            total_timeout=total_timeout,
+            max_connections=max_connections,
+            max_keepalive_connections=max_keepalive_connections,
+            keepalive_expiry=keepalive_expiry,
+        )
+        self._options = {**self.settings.http_options(base_url, api_key, headers), "verify": verify}
+        if transport is not None:
+            self._options["transport"] = transport
+
+
+class LedgerClient(_Base):
+    """A blocking client of the ledger's HTTP API. Thread-safe (one connection pool for
+    all threads); use it as a context manager, or call `close()`."""
+
+    def __init__(self, base_url: str, api_key: str, **options: Any) -> None:
+        super().__init__(base_url, api_key, **options)
+        self._http = httpx.Client(**self._options)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self, call: Call[T]) -> T:
+        attempts = Attempts(call, self.settings)
+        while True:
+            try:
+                response = self._http.request(**attempts.request())
+            except httpx.TransportError as error:
+                step = attempts.failed(error)
+            else:
+                step = attempts.answered(response)
+            if isinstance(step, Done):
+                return step.value
+            time.sleep(step.seconds)
+
+    # -- accounts -----------------------------------------------------------------------
+
+    def create_account(
+        self,
+        currency: str,
+        *,
+        id: str | None = None,
+        name: str | None = None,
+        allow_negative_balance: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Account:
+        """Open an account (idempotent by `id`, generated when not given; `replayed` is
+        True when it already existed with these fields)."""
+        return self._run(
+            _core.create_account(
+                currency, id=id, name=name, allow_negative_balance=allow_negative_balance, metadata=metadata
+            )
+        )
+
+    def get_account(self, account_id: str) -> Account:
+        return self._run(_core.get_account(account_id))
+
+    def list_accounts(
+        self, *, currency: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> Page[Account]:
+        return self._run(_core.list_accounts(currency=currency, limit=limit, cursor=cursor))
+
+    def iter_accounts(self, *, currency: str | None = None, page_size: int | None = None) -> Iterator[Account]:
+        """Every account (by id), page after page."""
+        return self._iterate(lambda cursor: _core.list_accounts(currency=currency, limit=page_size, cursor=cursor))
+
+    # -- transfers ----------------------------------------------------------------------
+
+    def create_transfer(
+        self,
+        debit_account_id: str,
+        credit_account_id: str,
+        amount: int,
+        *,
+        id: str | None = None,
+        currency: str | None = None,
+        pending: bool = False,
+        timeout_seconds: int | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Transfer:
+        """Move `amount` minor units, once per `id` (generated when not given: read it
+        back from the result). Raises `Refused` (e.g. `InsufficientFunds`) for a recorded
+        refusal, `OutcomeUnknown` when no attempt got a definitive answer."""
+        return self._run(
+            _core.create_transfer(
+                id=id,
+                debit_account_id=debit_account_id,
+                credit_account_id=credit_account_id,
+                amount=amount,
+                currency=currency,
+                pending=pending,
+                timeout_seconds=timeout_seconds,
+                description=description,
+                metadata=metadata,
+            )
+        )
+
+    def create_batch(self, transfers: Sequence[NewTransfer | Mapping[str, Any]]) -> BatchResult:
+        """Apply 1 to 1000 transfers in order; each item's result carries its id (generated
+        for items without one) and its status: created, replayed or rejected."""
+        return self._run(_core.create_batch(transfers))
+
+    def get_transfer(self, transfer_id: str) -> Transfer:
+        return self._run(_core.get_transfer(transfer_id))
+
+    def list_transfers(
+        self,
+        *,
+        account_id: str | None = None,
+        status: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Transfer]:
+        """Transfers oldest first; `start`/`end` are the inclusive `from`/`to` bounds."""
+        return self._run(
+            _core.list_transfers(account_id=account_id, status=status, start=start, end=end, limit=limit, cursor=cursor)
+        )
+
+    def iter_transfers(
+        self,
+        *,
+        account_id: str | None = None,
+        status: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[Transfer]:
+        return self._iterate(
+            lambda cursor: _core.list_transfers(
+                account_id=account_id, status=status, start=start, end=end, limit=page_size, cursor=cursor
+            )
+        )
+
+    def post_transfer(self, transfer_id: str, *, amount: int | None = None) -> Transfer:
+        """Post a pending transfer: all of it, or `amount` (the rest is released)."""
+        return self._run(_core.post_transfer(transfer_id, amount))
+
+    def void_transfer(self, transfer_id: str) -> Transfer:
+        return self._run(_core.void_transfer(transfer_id))
+
+    def reverse_transfer(self, transfer_id: str, *, id: str | None = None, amount: int | None = None) -> Transfer:
+        """A new transfer in the opposite direction, idempotent by its own `id`
+        (generated when not given); without `amount`, all that is still reversible."""
+        return self._run(_core.reverse_transfer(transfer_id, id=id, amount=amount))
+
+    # -- history and audit --------------------------------------------------------------
+
+    def list_entries(
+        self,
+        account_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Entry]:
+        return self._run(_core.list_entries(account_id, start=start, end=end, limit=limit, cursor=cursor))
+
+    def iter_entries(
+        self,
+        account_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[Entry]:
+        """The account's journal, oldest first."""
+        return self._iterate(
+            lambda cursor: _core.list_entries(account_id, start=start, end=end, limit=page_size, cursor=cursor)
+        )
+
+    def get_balance(self, account_id: str, *, as_of: datetime | None = None) -> AccountBalance:
+        """The posted balance after the last entry at or before `as_of` (default: now)."""
+        return self._run(_core.get_balance(account_id, as_of=as_of))
+
+    def trial_balance(self, *, currency: str | None = None, as_of: datetime | None = None) -> TrialBalance:
+        return self._run(_core.trial_balance(currency=currency, as_of=as_of))
+
+    def audit_verify(self, *, account_id: str | None = None) -> AuditReport:
+        return self._run(_core.audit_verify(account_id=account_id))
+
+    # -- keys (admin) -------------------------------------------------------------------
+
+    def create_key(self, role: str, *, name: str | None = None) -> CreatedApiKey:
+        """A new API key (`admin`, `poster` or `auditor`); `key` is shown this once. Not
+        retried once the request may have reached the server (a key has no id)."""
+        return self._run(_core.create_key(role, name=name))
+
+    def list_keys(self, *, limit: int | None = None, cursor: str | None = None) -> Page[ApiKey]:
+        return self._run(_core.list_keys(limit=limit, cursor=cursor))
+
+    def iter_keys(self, *, page_size: int | None = None) -> Iterator[ApiKey]:
+        return self._iterate(lambda cursor: _core.list_keys(limit=page_size, cursor=cursor))
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        return self._run(_core.revoke_key(key_id))
+
+    # -- operations ---------------------------------------------------------------------
+
+    def health_live(self) -> Health:
+        return self._run(_core.health("live"))
+
+    def health_ready(self) -> Health:
+        """`status` "ok", or "unavailable" (with `checks` saying why) when not ready."""
+        return self._run(_core.health("ready"))
+
+    def _iterate(self, page: Any) -> Iterator[Any]:
+        cursor: str | None = None
+        while True:
+            result = self._run(page(cursor))
+            yield from result.data
+            cursor = result.next_cursor
+            if not cursor:
+                return
+
+
+class AsyncLedgerClient(_Base):
+    """The awaitable twin of `LedgerClient`: the same methods, the same settings. Use it
+    as an async context manager, or call `aclose()`."""
+
+    def __init__(self, base_url: str, api_key: str, **options: Any) -> None:
+        super().__init__(base_url, api_key, **options)
+        self._http = httpx.AsyncClient(**self._options)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _run(self, call: Call[T]) -> T:
+        attempts = Attempts(call, self.settings)
+        while True:
+            try:
+                response = await self._http.request(**attempts.request())
+            except httpx.TransportError as error:
+                step = attempts.failed(error)
+            else:
+                step = attempts.answered(response)
+            if isinstance(step, Done):
+                return step.value
+            await asyncio.sleep(step.seconds)
+
+    # -- accounts -----------------------------------------------------------------------
+
+    async def create_account(
+        self,
+        currency: str,
+        *,
+        id: str | None = None,
+        name: str | None = None,
+        allow_negative_balance: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Account:
+        return await self._run(
+            _core.create_account(
+                currency, id=id, name=name, allow_negative_balance=allow_negative_balance, metadata=metadata
+            )
+        )
+
+    async def get_account(self, account_id: str) -> Account:
+        return await self._run(_core.get_account(account_id))
+
+    async def list_accounts(
+        self, *, currency: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> Page[Account]:
+        return await self._run(_core.list_accounts(currency=currency, limit=limit, cursor=cursor))
+
+    def iter_accounts(self, *, currency: str | None = None, page_size: int | None = None) -> AsyncIterator[Account]:
+        return self._iterate(lambda cursor: _core.list_accounts(currency=currency, limit=page_size, cursor=cursor))
+
+    # -- transfers ----------------------------------------------------------------------
+
+    async def create_transfer(
+        self,
+        debit_account_id: str,
+        credit_account_id: str,
+        amount: int,
+        *,
+        id: str | None = None,
+        currency: str | None = None,
+        pending: bool = False,
+        timeout_seconds: int | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Transfer:
+        return await self._run(
+            _core.create_transfer(
+                id=id,
+                debit_account_id=debit_account_id,
+                credit_account_id=credit_account_id,
+                amount=amount,
+                currency=currency,
+                pending=pending,
+                timeout_seconds=timeout_seconds,
+                description=description,
+                metadata=metadata,
+            )
+        )
+
+    async def create_batch(self, transfers: Sequence[NewTransfer | Mapping[str, Any]]) -> BatchResult:
+        return await self._run(_core.create_batch(transfers))
+
+    async def get_transfer(self, transfer_id: str) -> Transfer:
+        return await self._run(_core.get_transfer(transfer_id))
+
+    async def list_transfers(
+        self,
+        *,
+        account_id: str | None = None,
+        status: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Transfer]:
+        return await self._run(
+            _core.list_transfers(account_id=account_id, status=status, start=start, end=end, limit=limit, cursor=cursor)
+        )
+
+    def iter_transfers(
+        self,
+        *,
+        account_id: str | None = None,
+        status: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        page_size: int | None = None,
+    ) -> AsyncIterator[Transfer]:
+        return self._iterate(
+            lambda cursor: _core.list_transfers(
+                account_id=account_id, status=status, start=start, end=end, limit=page_size, cursor=cursor
+            )
+        )
+
+    async def post_transfer(self, transfer_id: str, *, amount: int | None = None) -> Transfer:
+        return await self._run(_core.post_transfer(transfer_id, amount))
+
+    async def void_transfer(self, transfer_id: str) -> Transfer:
+        return await self._run(_core.void_transfer(transfer_id))
+
+    async def reverse_transfer(self, transfer_id: str, *, id: str | None = None, amount: int | None = None) -> Transfer:
+        return await self._run(_core.reverse_transfer(transfer_id, id=id, amount=amount))
+
+    # -- history and audit --------------------------------------------------------------
+
+    async def list_entries(
+        self,
+        account_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Entry]:
+        return await self._run(_core.list_entries(account_id, start=start, end=end, limit=limit, cursor=cursor))
+
+    def iter_entries(
+        self,
+        account_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        page_size: int | None = None,
+    ) -> AsyncIterator[Entry]:
+        return self._iterate(
+            lambda cursor: _core.list_entries(account_id, start=start, end=end, limit=page_size, cursor=cursor)
+        )
+
+    async def get_balance(self, account_id: str, *, as_of: datetime | None = None) -> AccountBalance:
+        return await self._run(_core.get_balance(account_id, as_of=as_of))
+
+    async def trial_balance(self, *, currency: str | None = None, as_of: datetime | None = None) -> TrialBalance:
+        return await self._run(_core.trial_balance(currency=currency, as_of=as_of))
+
+    async def audit_verify(self, *, account_id: str | None = None) -> AuditReport:
+        return await self._run(_core.audit_verify(account_id=account_id))
+
+    # -- keys (admin) -------------------------------------------------------------------
+
+    async def create_key(self, role: str, *, name: str | None = None) -> CreatedApiKey:
+        return await self._run(_core.create_key(role, name=name))
+
+    async def list_keys(self, *, limit: int | None = None, cursor: str | None = None) -> Page[ApiKey]:
+        return await self._run(_core.list_keys(limit=limit, cursor=cursor))
+
+    def iter_keys(self, *, page_size: int | None = None) -> AsyncIterator[ApiKey]:
+        return self._iterate(lambda cursor: _core.list_keys(limit=page_size, cursor=cursor))
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        return await self._run(_core.revoke_key(key_id))
+
+    # -- operations ---------------------------------------------------------------------
+
+    async def health_live(self) -> Health:
+        return await self._run(_core.health("live"))
+
+    async def health_ready(self) -> Health:
+        return await self._run(_core.health("ready"))
+
+    async def _iterate(self, page: Any) -> AsyncIterator[Any]:
+        cursor: str | None = None
+        while True:
+            result = await self._run(page(cursor))
+            for item in result.data:
+                yield item
+            cursor = result.next_cursor
+            if not cursor:
+                return
