@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test migrate lint clean
+.PHONY: run test migrate stop status lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -25,6 +25,14 @@ run: $(VENV)/.installed-run
 
 migrate: $(VENV)/.installed-run
 	$(BIN)/ledger migrate
+
+# The embedded PostgreSQL of ./.ledger, whoever started it (`make run` stops it on exit;
+# this is for one left behind, e.g. after `kill -9` of both the service and its watchdog).
+stop: $(VENV)/.installed-run
+	$(BIN)/ledger db stop
+
+status: $(VENV)/.installed-run
+	$(BIN)/ledger db status
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

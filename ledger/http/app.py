@@ -14,7 +14,6 @@ from functools import partial
 from litestar import Litestar, Request
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.routes import HTTPRoute
 
 from ledger import __version__
@@ -22,6 +21,8 @@ from ledger.database import create_audit_engine, create_engine
 from ledger.http.audit import AuditController, Verifications, verify_with_checkpoint
 from ledger.http.auth import ROLES, authenticate
 from ledger.http.body import check_request_body
+from ledger.http.docs import DOCS_PATH, SwaggerPage, docs_router
+from ledger.http.docs_operations import API_DESCRIPTION
 from ledger.http.health import live, metrics_endpoint, ready
 from ledger.http.keys import KeyController
 from ledger.http.openapi import complete_openapi, repair_options
@@ -173,9 +174,11 @@ def create_app(
         openapi_config=OpenAPIConfig(
             title="Ledger",
             version=__version__,
-            description="A double-entry ledger: accounts, idempotent transfers, an append-only journal.",
-            path="/schema",
-            render_plugins=[ScalarRenderPlugin()],
+            description=API_DESCRIPTION,
+            path=DOCS_PATH,
+            # Swagger UI from this host at /schema and /schema/swagger (ledger.http.docs).
+            render_plugins=[SwaggerPage()],
+            openapi_router=docs_router(),
         ),
         debug=False,
     )
