@@ -176,7 +176,7 @@ EXCEPTION_HANDLERS = {
 
 PROBLEM_DESCRIPTIONS = {
     400: "The request is not valid (body, query or path): `validation_error`, `invalid_cursor`",
-    401: "No API key, or an unknown one: `unauthorized`",
+    401: "No API key, or an unknown or revoked one: `unauthenticated`",
     403: "The key's role may not do this: `forbidden`",
     404: "The account or transfer does not exist",
     409: "Conflicts with what is stored, e.g. the id was used with other fields",
