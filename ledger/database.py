@@ -127,7 +127,7 @@ FORBIDDEN_UPDATES = {
     "accounts": ("id", "currency", "name", "allow_negative_balance", "metadata", "created_at", "seal", "seal_key"),
     "transfers": (
         "id", "debit_account_id", "credit_account_id", "amount", "currency", "pending", "code", "description",
-        "metadata", "request_hash", "created_at", "timeout_seconds", "expires_at", "reversal_of",
+        "metadata", "request_hash", "created_at", "timeout_seconds", "expires_at", "reversal_of", "missing_account",
     ),
     "api_keys": ("id", "role", "key_hash", "created_at", "created_by", "seal", "seal_key"),
 }  # fmt: skip

@@ -314,6 +314,10 @@ class ItemDecision:
     code: str | None = None
     plan: TransferPlan | None = None
     recorded: bool = False
+    # For a recorded refusal, what it is stored with: its currency (`refusal_currency`)
+    # and, for account_not_found, which of its accounts did not exist (`missing_account`).
+    currency: str | None = None
+    missing_account: str | None = None
 
 
 def chains(items: list[BatchItem]) -> list[tuple[int, int, bool]]:
@@ -410,5 +414,40 @@ def decide_batch(
             if decision.status == "created" or decision.recorded:
                 request = items[decision.index].request
                 known[request.id] = (request.fingerprint(), decision.status == "created")
-        decisions.extend(unit)
+        decisions.extend(recorded_refusal(d, items[d.index].request, accounts) if d.recorded else d for d in unit)
     return decisions
+
+
+def recorded_refusal(
+    decision: ItemDecision, request: TransferRequest, accounts: dict[str, LockedAccount]
+) -> ItemDecision:
+    """A recorded refusal with what the decision knew of its accounts (which exist, in
+    what currency): stored with it, so that every replay says the same."""
+    debit = accounts.get(request.debit_account_id)
+    credit = accounts.get(request.credit_account_id)
+    return replace(
+        decision,
+        currency=refusal_currency(request, debit.currency if debit else None, credit.currency if credit else None),
+        missing_account=missing_account(request, accounts) if decision.code == "account_not_found" else None,
+    )
+
+
+def refusal_currency(request: TransferRequest, debit_currency: str | None, credit_currency: str | None) -> str | None:
+    """The currency a refusal is recorded in: the one the request named; without one,
+    the one the transfer would have had, its debit account's, when that account exists
+    and the credit account, if it exists, agrees. None when that is unknown (no debit
+    account) or ambiguous (the accounts are in different currencies)."""
+    if request.currency is not None:
+        return request.currency
+    if debit_currency is None or credit_currency not in (None, debit_currency):
+        return None
+    return debit_currency
+
+
+def missing_account(request: TransferRequest, accounts: dict[str, LockedAccount]) -> str | None:
+    """Which of the request's accounts do not exist: "debit", "credit", "both", or None."""
+    debit = request.debit_account_id not in accounts
+    credit = request.credit_account_id not in accounts
+    if debit and credit:
+        return "both"
+    return "debit" if debit else "credit" if credit else None

@@ -30,7 +30,8 @@ from typing import ClassVar
 
 class LedgerError(Exception):
     code: ClassVar[str] = "ledger_error"
-    title: ClassVar[str] = "Ledger error"
+    # A class's title, unless the instance has its own (a refusal's, by its reason).
+    title: str = "Ledger error"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -127,6 +128,7 @@ class TransferRefused(LedgerError):
             raise ValueError(f"unknown refusal reason {reason!r}")
         super().__init__(detail)
         self.reason = reason
+        self.title = self.REASONS[reason][1]
 
     @property
     def status(self) -> int:
@@ -145,12 +147,22 @@ class DecisionRefused(LedgerError):
         "exceeds_pending_amount": 422,
         "balance_overflow": 422,
     }
+    TITLES: ClassVar[dict[str, str]] = {
+        "transfer_not_pending": "The transfer is not pending",
+        "pending_transfer_expired": "The pending transfer has expired",
+        "pending_transfer_already_posted": "The pending transfer was already posted",
+        "pending_transfer_already_voided": "The pending transfer was already voided",
+        "exceeds_pending_amount": "More than the pending transfer reserved",
+        # The same code as TransferRefused's, for the same cause: the same title.
+        "balance_overflow": TransferRefused.REASONS["balance_overflow"][1],
+    }
 
     def __init__(self, reason: str, detail: str) -> None:
         if reason not in self.STATUSES:
             raise ValueError(f"unknown decision refusal {reason!r}")
         super().__init__(detail)
         self.reason = reason
+        self.title = self.TITLES[reason]
 
     @property
     def status(self) -> int:

@@ -32,7 +32,8 @@ Canonical forms (an auditor holding the key recomputes them; README "Tamper evid
   (UTF-8, not ASCII-escaped), integers as decimal strings (JSON numbers cannot carry 64
   bits exactly everywhere), booleans and null as such, timestamps as microseconds since
   the epoch (a decimal string), bytes as lower-case hex, metadata as `[[key, value], ...]`
-  sorted by key; the field order is given by the functions below; `seal` =
+  sorted by key; the field order is given by the functions below (a transfer's
+  `missing_account` is last, and only when it is not null); `seal` =
   HMAC-SHA256(key, UTF-8 of the array).
 """
 
@@ -275,15 +276,18 @@ def canonical(fields: Iterable[object]) -> str:
 
 
 def transfer_message(key_id: str, transfer: Any) -> str:
-    return canonical(
-        [
-            "ledger-transfer-v1", key_id, transfer.id, transfer.debit_account_id, transfer.credit_account_id,
-            transfer.amount, transfer.currency, transfer.pending, transfer.status, transfer.code,
-            transfer.description, transfer.metadata or {}, transfer.request_hash, transfer.created_at,
-            transfer.updated_at, transfer.timeout_seconds, transfer.expires_at, transfer.posted_amount,
-            transfer.reversal_of, transfer.reversed_amount,
-        ]
-    )  # fmt: skip
+    fields = [
+        "ledger-transfer-v1", key_id, transfer.id, transfer.debit_account_id, transfer.credit_account_id,
+        transfer.amount, transfer.currency, transfer.pending, transfer.status, transfer.code,
+        transfer.description, transfer.metadata or {}, transfer.request_hash, transfer.created_at,
+        transfer.updated_at, transfer.timeout_seconds, transfer.expires_at, transfer.posted_amount,
+        transfer.reversal_of, transfer.reversed_amount,
+    ]  # fmt: skip
+    # Added by revision 0006, and only when set: rows sealed before it (all without it)
+    # keep their seals, and setting, changing or clearing it breaks the seal.
+    if transfer.missing_account is not None:
+        fields.append(transfer.missing_account)
+    return canonical(fields)
 
 
 def account_message(key_id: str, account: Any) -> str:

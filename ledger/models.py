@@ -55,6 +55,9 @@ TRANSFER_STATUSES = ("posted", "pending", "voided", "expired", "rejected")
 
 Timestamp = TIMESTAMP(timezone=True)
 SEAL_SHAPE = "(seal IS NULL) = (seal_key IS NULL) AND (seal IS NULL OR octet_length(seal) = 32)"
+MISSING_ACCOUNT_CHECK = (
+    "missing_account IS NULL OR (code = 'account_not_found' AND missing_account IN ('debit', 'credit', 'both'))"
+)
 
 
 class Base(DeclarativeBase):
@@ -138,6 +141,9 @@ class Transfer(Base):
     # Reversals: the transfer a reversal reverses, and how much of this one is reversed.
     reversal_of: Mapped[str | None] = mapped_column(Text, ForeignKey("transfers.id"), nullable=True)
     reversed_amount: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    # An account_not_found refusal: which of its accounts did not exist when it was
+    # decided, so that its answer names them on every replay (null before revision 0006).
+    missing_account: Mapped[str | None] = mapped_column(Text, nullable=True)
     # HMAC of every field above under the chain key `seal_key`, recomputed at each change.
     seal: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     seal_key: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -157,6 +163,7 @@ class Transfer(Base):
             "reversed_amount >= 0 AND reversed_amount <= COALESCE(posted_amount, amount)", name="reversed_amount_range"
         ),
         CheckConstraint("reversal_of IS NULL OR NOT pending", name="reversal_not_pending"),
+        CheckConstraint(MISSING_ACCOUNT_CHECK, name="missing_account_known"),
         CheckConstraint(f"currency ~ '{CURRENCY_PATTERN}'", name="currency_format"),
         CheckConstraint("status IN ('posted', 'pending', 'voided', 'expired', 'rejected')", name="status_known"),
         CheckConstraint("(status = 'rejected') = (code IS NOT NULL)", name="code_iff_rejected"),

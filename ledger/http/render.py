@@ -83,6 +83,13 @@ def refusal_detail(transfer: TransferRecord) -> str:
     reason = transfer.code
     debit, credit = transfer.debit_account_id, transfer.credit_account_id
     if reason == "account_not_found":
+        missing = transfer.missing_account
+        if missing == "both":
+            return f"accounts {debit!r} and {credit!r} do not exist"
+        if missing in ("debit", "credit"):
+            account = debit if missing == "debit" else credit
+            return f"account {account!r} does not exist"
+        # Recorded before revision 0006, which did not store which one was missing.
         return f"the debit account {debit!r} or the credit account {credit!r} does not exist"
     if reason == "insufficient_funds":
         return f"account {debit!r} does not have {transfer.amount} available"

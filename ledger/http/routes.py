@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, TypeVar
+from urllib.parse import quote
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
@@ -250,9 +251,23 @@ async def csv_statement(state: State, account_id: str, start: datetime | None, e
     return BudgetedStream(
         lines(),
         budget_seconds=state.settings.export_timeout_seconds,
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{account_id}-statement.csv"'},
+        media_type=CSV_MEDIA_TYPE,
+        headers={"Content-Disposition": statement_disposition(account_id)},
     )
+
+
+# Litestar appends "; charset=utf-8" to every text/* media type (as for /metrics).
+CSV_MEDIA_TYPE = "text/csv"
+_UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def statement_disposition(account_id: str) -> str:
+    """An attachment named after the account: `filename` with only characters every file
+    system takes (`:` is not one on Windows, and Finder shows it as `/`), and the exact
+    id in RFC 6266's `filename*` for clients that read it."""
+    name = f"{account_id}-statement.csv"
+    safe = _UNSAFE_IN_FILENAME.sub("_", name)
+    return f"attachment; filename=\"{safe}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def _transfer_request(body: TransferCreate) -> TransferRequest:

@@ -80,7 +80,7 @@ COUNT_ACCOUNTS = text("SELECT count(*) FROM accounts WHERE CAST(:only AS text) I
 _TRANSFER_CHECK_COLUMNS = """
     t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency, t.pending, t.status, t.code,
     t.description, t.metadata, t.request_hash, t.created_at, t.updated_at, t.timeout_seconds, t.expires_at,
-    t.posted_amount, t.reversal_of, t.reversed_amount, t.seal, t.seal_key,
+    t.posted_amount, t.reversal_of, t.reversed_amount, t.missing_account, t.seal, t.seal_key,
     ARRAY(SELECT e.account_id FROM entries e WHERE e.transfer_id = t.id ORDER BY e.account_id, e.amount) AS entry_accounts,
     ARRAY(SELECT e.amount FROM entries e WHERE e.transfer_id = t.id ORDER BY e.account_id, e.amount) AS entry_amounts,
     CAST(COALESCE((SELECT sum(r.amount) FROM transfers r WHERE r.reversal_of = t.id AND r.status = 'posted'), 0)

@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from ledger.domain import BatchItem, ItemDecision, LockedAccount, TransferRequest, decide_batch
+from ledger.domain import BatchItem, ItemDecision, LockedAccount, TransferRequest, decide_batch, refusal_currency
 from ledger.errors import LedgerError, LockTimeout, Overloaded, TransferExistsWithDifferentFields
 from ledger.integrity import ChainKey
 from ledger.service.expiry import DUE_AMONG, STORED_TRANSFER_COLUMNS, expire
@@ -97,6 +97,11 @@ NO_ACCOUNT_SQL = (
 )
 # The stored outcomes of ids that have one: what a replay answers with (`as_created`).
 STORED_SQL = f"SELECT {', '.join(c.key for c in STORED_TRANSFER_COLUMNS)} FROM transfers WHERE id = ANY($1::text[])"
+# The clock, and the currencies a refusal recorded outside a decision is stored in.
+REFUSAL_SQL = (
+    "SELECT clock_timestamp() AS now, (SELECT currency FROM accounts WHERE id = $1) AS debit_currency, "
+    "(SELECT currency FROM accounts WHERE id = $2) AS credit_currency"
+)
 DUE_SQL, DUE_NAMES = positional(DUE_AMONG.text)
 WRITE_SQL, WRITE_NAMES = positional(WRITE.text)
 
@@ -225,7 +230,9 @@ def decide_group(
                 writes.plan(request.id, decision.plan)
             else:
                 assert decision.code is not None
-                record = rejected_record(request, decision.code, now)
+                record = rejected_record(
+                    request, decision.code, now, currency=decision.currency, missing_account=decision.missing_account
+                )
             writes.new_transfer(record)
             plan.written[request.id] = record
             known[request.id] = (record.request_hash, decision.status == "created")
@@ -292,8 +299,9 @@ async def record_refusal(driver: asyncpg.Connection, request: TransferRequest, r
     CHECK refused): the id's outcome, as if the decision had made it. If the id has an
     outcome by now, that one is the answer."""
     await driver.execute("BEGIN")
-    now = await driver.fetchval("SELECT clock_timestamp()")
-    record = rejected_record(request, reason, now)
+    row = await driver.fetchrow(REFUSAL_SQL, request.debit_account_id, request.credit_account_id)
+    currency = refusal_currency(request, row["debit_currency"], row["credit_currency"])
+    record = rejected_record(request, reason, row["now"], currency=currency)
     writes = Writes()
     writes.new_transfer(record)
     if record.id in await _write(driver, writes, key):

@@ -71,6 +71,10 @@ class TransferRecord:
     posted_amount: int | None = None
     reversal_of: str | None = None
     reversed_amount: int = 0
+    # An account_not_found refusal: which of its accounts did not exist ("debit",
+    # "credit" or "both"); None for every other row, and for refusals recorded before
+    # revision 0006.
+    missing_account: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TransferRecord:
@@ -93,6 +97,7 @@ class TransferRecord:
             posted_amount=row["posted_amount"],
             reversal_of=row["reversal_of"],
             reversed_amount=row["reversed_amount"],
+            missing_account=row["missing_account"],
         )
 
     def as_created(self) -> TransferRecord:
@@ -171,13 +176,16 @@ def rejected_record(
     code: str,
     now: datetime,
     *,
+    currency: str | None,
+    missing_account: str | None = None,
     reversal_of: str | None = None,
     request_hash: bytes | None = None,
 ) -> TransferRecord:
-    """A recorded refusal, as it is stored."""
+    """A recorded refusal, as it is stored: in `currency` (`ledger.domain.refusal_currency`),
+    with the accounts found missing for account_not_found."""
     return _stored(
-        request, status="rejected", code=code, currency=request.currency, created_at=now, expires_at=None,
-        request_hash=request_hash or request.fingerprint(), reversal_of=reversal_of,
+        request, status="rejected", code=code, currency=currency, created_at=now, expires_at=None,
+        request_hash=request_hash or request.fingerprint(), reversal_of=reversal_of, missing_account=missing_account,
     )  # fmt: skip
 
 
@@ -191,6 +199,7 @@ def _stored(
     expires_at: datetime | None,
     request_hash: bytes,
     reversal_of: str | None = None,
+    missing_account: str | None = None,
 ) -> TransferRecord:
     """A new transfer row, as stored."""
     return TransferRecord(
@@ -210,4 +219,5 @@ def _stored(
         timeout_seconds=request.timeout_seconds if request.pending else None,
         expires_at=expires_at,
         reversal_of=reversal_of,
+        missing_account=missing_account,
     )

@@ -23,11 +23,13 @@ from sqlalchemy import bindparam, select
 
 from ledger.domain import (
     BatchItem,
+    ItemDecision,
     PendingTransfer,
     TransferRequest,
     check_decision,
     decide_post,
     decide_transfer,
+    recorded_refusal,
     release,
 )
 from ledger.errors import DecisionRefused, TransferExistsWithDifferentFields, TransferNotFound, TransferRefused
@@ -164,8 +166,11 @@ class TransferService:
                     )
                     await write(session, writes, self._key)
             except TransferRefused as refusal:
+                decided = recorded_refusal(
+                    ItemDecision(0, reversal_id, "rejected", refusal.reason, recorded=True), request, accounts
+                )
                 outcome = await record_rejection(
-                    session, request, refusal.reason, now, self._key, reversal_of=original_id, request_hash=fingerprint
+                    session, request, decided, now, self._key, reversal_of=original_id, request_hash=fingerprint
                 )
             except IdsClaimed:
                 outcome = await replay_winner(session, reversal_id, fingerprint)
@@ -208,15 +213,20 @@ async def fetch_transfer(session: Executor, transfer_id: str) -> TransferRecord 
 async def record_rejection(
     session: Executor,
     request: TransferRequest,
-    reason: str,
+    decision: ItemDecision,
     now: datetime,
     key: ChainKey,
     *,
     reversal_of: str | None = None,
     request_hash: bytes | None = None,
 ) -> TransferOutcome:
+    """Record `decision`, a refusal with what it knew of the accounts (`recorded_refusal`)."""
+    assert decision.code is not None
     fingerprint = request_hash or request.fingerprint()
-    record = rejected_record(request, reason, now, reversal_of=reversal_of, request_hash=fingerprint)
+    record = rejected_record(
+        request, decision.code, now, currency=decision.currency, missing_account=decision.missing_account,
+        reversal_of=reversal_of, request_hash=fingerprint,
+    )  # fmt: skip
     writes = Writes()
     writes.new_transfer(record)
     try:

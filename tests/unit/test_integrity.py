@@ -97,6 +97,7 @@ def test_a_transfer_seal_covers_every_field_and_its_key() -> None:
         "pending": False, "status": "voided", "code": "x", "description": "e", "metadata": {"x": "2"},
         "created_at": NOW + timedelta(microseconds=1), "updated_at": NOW, "request_hash": b"\x02" * 32,
         "timeout_seconds": 61, "expires_at": None, "posted_amount": 81, "reversal_of": "t0", "reversed_amount": 11,
+        "missing_account": "debit",
     }  # fmt: skip
     assert set(changes) == {f.name for f in dataclasses.fields(TransferRecord)}
     for field, value in changes.items():
@@ -107,6 +108,23 @@ def test_a_transfer_seal_covers_every_field_and_its_key() -> None:
     )
     assert not seal_is_valid(keyring, "k2", stored, lambda k: transfer_message(k, record))
     assert not seal_is_valid(keyring, "k1", None, lambda k: transfer_message(k, record))
+
+
+def test_rows_sealed_before_missing_account_existed_still_verify() -> None:
+    """Revision 0006 added `missing_account` to the transfer seal only when it is set: the
+    seal of a row without it is the one computed before (pinned here, from the earlier
+    code), and recording it on such a row, or clearing it, breaks the seal."""
+    key = ChainKey("k1", b"\x05" * 32)
+    keyring = Keyring([key])
+    refusal = dataclasses.replace(_transfer(), status="rejected", code="account_not_found", currency=None)
+    before_0006 = bytes.fromhex("2f9a9315a155095ae64e306dbf43c67d92f9e11658a403120f0cf68c1575df06")
+    assert seal(key, transfer_message(key.id, refusal)) == before_0006
+    named = dataclasses.replace(refusal, missing_account="credit")
+    assert not seal_is_valid(keyring, "k1", before_0006, lambda k: transfer_message(k, named))
+    stored = seal(key, transfer_message(key.id, named))
+    for other in ("debit", "both", None):
+        changed = dataclasses.replace(named, missing_account=other)
+        assert not seal_is_valid(keyring, "k1", stored, lambda k, c=changed: transfer_message(k, c)), other
 
 
 def test_account_and_key_seals_cover_their_controls() -> None:
