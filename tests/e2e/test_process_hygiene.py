@@ -71,6 +71,23 @@ def _wait_gone(pid: int, seconds: float = 20) -> bool:
     return False
 
 
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_service_outlives_its_test() -> Iterator[None]:
+    # A failed assertion must not leave a service (and its PostgreSQL) running.
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 class Serving:
     def __init__(self, data_dir: Path, log_path: Path) -> None:
         self.port = free_port()
@@ -83,6 +100,7 @@ class Serving:
                 stderr=subprocess.STDOUT,
                 cwd=REPOSITORY,
             )
+        STARTED.append(self.process)
         deadline = time.monotonic() + 90
         while True:
             assert self.process.poll() is None, f"ledger serve exited:\n{log_path.read_text()}"
