@@ -95,6 +95,11 @@ class Settings:
     group_lock_timeout_ms: int = 250
     group_overlap_min: int = 8
 
+    # POST /v1/transfers answered without the framework when the request needs none of
+    # it (ledger.http.fast); anything unusual still goes through Litestar. Off: every
+    # request does.
+    transfer_fast_path: bool = True
+
     # Whole-transaction retries on serialization failures and deadlocks.
     max_retries: int = 5
     retry_base_delay_ms: int = 5

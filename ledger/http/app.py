@@ -23,6 +23,7 @@ from ledger.http.auth import ROLES, authenticate
 from ledger.http.body import check_request_body
 from ledger.http.docs import DOCS_PATH, SwaggerPage, docs_router
 from ledger.http.docs_operations import API_DESCRIPTION
+from ledger.http.fast import transfer_fast_path
 from ledger.http.health import live, metrics_endpoint, ready
 from ledger.http.keys import KeyController
 from ledger.http.openapi import complete_openapi, repair_options
@@ -187,7 +188,8 @@ def create_app(
     repair_options(app)
     # Around the whole application, routing included: 404 and 405 answers get a request
     # id, an access line and a metric too.
-    app.asgi_handler = request_id_middleware(metrics, settings.access_log)(app.asgi_handler)
+    handler = transfer_fast_path(app) if settings.transfer_fast_path else app.asgi_handler
+    app.asgi_handler = request_id_middleware(metrics, settings.access_log)(handler)
     return app
 
 

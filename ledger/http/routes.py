@@ -270,7 +270,7 @@ def statement_disposition(account_id: str) -> str:
     return f"attachment; filename=\"{safe}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-def _transfer_request(body: TransferCreate) -> TransferRequest:
+def transfer_request(body: TransferCreate) -> TransferRequest:
     return TransferRequest(
         id=body.id,
         debit_account_id=body.debit_account_id,
@@ -315,7 +315,7 @@ class TransferController(Controller):
             raise BatchTooLarge(
                 f"a batch holds at most {state.settings.max_batch_size} transfers, got {len(body.transfers)}"
             )
-        items = [BatchItem(request=_transfer_request(item), linked=item.linked) for item in body.transfers]
+        items = [BatchItem(request=transfer_request(item), linked=item.linked) for item in body.transfers]
         results = await state.ledger.transfers.create_batch(items)
         for result in results:
             state.metrics.transfer_outcome(result.status if result.status != "rejected" else result.code or "rejected")
@@ -334,7 +334,7 @@ class TransferController(Controller):
         """Apply a transfer once per `id`. A repeat returns the original status and body
         with `Idempotent-Replayed: true`; refusals (404/422) are recorded and replayed too."""
         body = await decode_strict(request, TransferCreate)
-        outcome = await state.ledger.transfers.create(_transfer_request(body))
+        outcome = await state.ledger.transfers.create(transfer_request(body))
         return _transfer_response(outcome, state)
 
     @post(
