@@ -187,6 +187,9 @@ def serve(settings: Settings) -> int:
             timeout_graceful_shutdown=10,
             log_config=logging_config(settings.log_level),
             server_header=False,
+            # The service uses no client address or scheme: rewriting them from
+            # X-Forwarded-* headers on every request would be work for nothing.
+            proxy_headers=False,
         )
     finally:
         database.stop()

@@ -186,20 +186,18 @@ def post_entries(
     """The two journal entries of moving `amount` posted, and the accounts after them."""
     debit_entry = _entry(debit, transfer_id, -amount, created_at, key)
     credit_entry = _entry(credit, transfer_id, amount, created_at, key)
-    new_debit = replace(
-        debit,
-        debits_posted=debit.debits_posted + amount,
-        entries_count=debit_entry.sequence,
-        last_entry_hash=debit_entry.hash,
-        last_entry_at=created_at,
-    )
-    new_credit = replace(
-        credit,
-        credits_posted=credit.credits_posted + amount,
-        entries_count=credit_entry.sequence,
-        last_entry_hash=credit_entry.hash,
-        last_entry_at=created_at,
-    )
+    # Built field by field rather than with dataclasses.replace, which inspects the
+    # class on every call: this runs for every posted transfer.
+    new_debit = LockedAccount(
+        debit.id, debit.currency, debit.allow_negative_balance, debit.debits_posted + amount,
+        debit.credits_posted, debit.pending_debits, debit.pending_credits, debit_entry.sequence,
+        debit_entry.hash, created_at, debit.has_due,
+    )  # fmt: skip
+    new_credit = LockedAccount(
+        credit.id, credit.currency, credit.allow_negative_balance, credit.debits_posted,
+        credit.credits_posted + amount, credit.pending_debits, credit.pending_credits, credit_entry.sequence,
+        credit_entry.hash, created_at, credit.has_due,
+    )  # fmt: skip
     return (debit_entry, credit_entry), new_debit, new_credit
 
 

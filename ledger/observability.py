@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import os
 import re
@@ -60,10 +59,16 @@ def scrub(text: str) -> str:
     return _STATEMENT_VALUES.sub("[values withheld]", text)
 
 
+_LOG_ENCODER = msgspec.json.Encoder()
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            # isoformat and msgspec rather than strftime and json.dumps: a third of the cost
+            # of an access line, which is written for every request.
+            "time": datetime.fromtimestamp(record.created, UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+            + "Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": scrub(record.getMessage()),
@@ -76,7 +81,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = getattr(record, key)
         if record.exc_info:
             line["exception"] = scrub(self.formatException(record.exc_info))
-        return json.dumps(line, separators=(",", ":"))
+        return _LOG_ENCODER.encode(line).decode()
 
 
 def logging_config(level: str) -> dict[str, Any]:
