@@ -531,7 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"ledger: {error}", file=sys.stderr)
         return 2
-    logging.config.dictConfig(logging_config(settings.log_level))
+    level = settings.log_level
+    if arguments.command not in ("serve", "migrate") and not os.environ.get("LEDGER_LOG_LEVEL"):
+        # A command whose output is its answer (a key, a statement, a status) says only
+        # warnings and errors besides it, unless asked for more.
+        level = "warning"
+    logging.config.dictConfig(logging_config(level))
     from ledger.embedded import EmbeddedPostgresError
 
     try:

@@ -136,6 +136,7 @@ def test_the_embedded_postgresql_stops_with_the_service(data_dir: Path, tmp_path
     assert running is not None, "the service should run on its embedded PostgreSQL"
     status = _ledger(data_dir, "db", "status")
     assert status.returncode == 0 and f"owned by ledger process {serving.process.pid}" in status.stdout, status
+    assert status.stderr == "", "a command whose output is its answer logs nothing else by default"
     code = serving.stop(signum)
     if signum != signal.SIGKILL:
         # A graceful stop waits for the database: it is gone when the command returns.
