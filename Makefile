@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test migrate stop status lint clean
+.PHONY: run test browser migrate stop status lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -34,8 +34,18 @@ stop: $(VENV)/.installed-run
 status: $(VENV)/.installed-run
 	$(BIN)/ledger db status
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# tests/e2e/test_docs.py renders the docs page in a real browser, Debian's Chromium:
+# installed here when it is missing and this runs as root with apt-get; otherwise the
+# test says what to install (and skips, or fails under CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the docs browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "note: install Chromium (Debian: apt-get install chromium) for the docs browser test"; fi; }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check ledger migrations tests loadtest
