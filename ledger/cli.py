@@ -569,3 +569,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except OSError as error:
+        # A directory or file the configuration names that cannot be made or read
+        # (LEDGER_DATA_DIR, a key file): the system's own words, on one line.
+        print(f"ledger: {error.strerror or error}: {error.filename or ''} (check LEDGER_DATA_DIR)", file=sys.stderr)
+        return 2

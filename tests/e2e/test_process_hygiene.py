@@ -216,6 +216,7 @@ def _taken_port() -> Iterator[int]:
         ({"LEDGER_DATABASE_URL": "postgresql://ledger@127.0.0.1:1/ledger"}, ["serve"], "Connect call failed"),
         ({"LEDGER_DATABASE_URL": "postgresql://ledger@127.0.0.1:1/ledger"}, ["migrate"], "Connect call failed"),
         ({"LEDGER_DATABASE_URL": "postgresql://ledger@no-such-host.invalid/ledger"}, ["migrate"], "no-such-host"),
+        ({"LEDGER_DATA_DIR": "/proc/no-such-dir/ledger"}, ["serve"], "No such file or directory: /proc/no-such-dir"),
     ],
 )
 def test_a_mistake_is_one_line_naming_its_cause(
