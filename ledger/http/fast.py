@@ -29,9 +29,8 @@ from litestar import Litestar, Response
 from ledger.errors import LedgerError
 from ledger.http.auth import MOVE_MONEY, ROLES
 from ledger.http.body import _is_json, repeated_key
-from ledger.http.problems import internal_error_handler, ledger_error_handler, refusal_response
-from ledger.http.render import refusal_detail, transfer_out
-from ledger.http.routes import transfer_request
+from ledger.http.problems import internal_error_handler, ledger_error_handler
+from ledger.http.routes import transfer_request, transfer_response
 from ledger.http.schemas import TransferCreate
 from ledger.service.keys import INSECURE, Principal
 
@@ -44,7 +43,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 PATH = "/v1/transfers"
 ALLOWED = MOVE_MONEY[ROLES]
 _ENCODE = msgspec.json.Encoder().encode
-_JSON = b"application/json"
+_JSON = "application/json"
 
 
 class _Request:
@@ -175,28 +174,17 @@ async def _answer(state: Any, error_request: _Request, body: TransferCreate, sen
     except Exception as error:  # what the framework does with anything else: the same answer
         await _send(send, internal_error_handler(error_request, error))  # type: ignore[arg-type]
         return
-    transfer = outcome.transfer
-    state.metrics.transfer_outcome("replayed" if outcome.replayed else (transfer.code or "created"))
-    if transfer.status == "rejected":
-        assert transfer.code is not None
-        headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-        await _send(send, refusal_response(transfer.code, refusal_detail(transfer), transfer.id, headers=headers))
-        return
-    payload = _ENCODE(transfer_out(transfer))
-    # In the framework's order: the response's own headers, then the body's.
-    headers = [(b"idempotent-replayed", b"true")] if outcome.replayed else []
-    headers.append((b"location", f"{PATH}/{transfer.id}".encode()))
-    headers += [(b"content-type", _JSON), (b"content-length", str(len(payload)).encode())]
-    await send({"type": "http.response.start", "status": 201, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    # The framework path's own answer (metrics, replay header, refusal or 201), rendered here.
+    await _send(send, transfer_response(outcome, state))
 
 
-async def _send(send: Send, response: Response[bytes]) -> None:
-    """A problem response (bytes, a media type, a few headers), rendered as the framework
-    renders it."""
-    payload = response.content
-    assert isinstance(payload, bytes)
+async def _send(send: Send, response: Response[Any]) -> None:
+    """A response of the framework path (a struct or bytes, a media type, a few headers),
+    rendered as the framework renders it: its own headers, then the body's."""
+    content = response.content
+    payload = content if isinstance(content, bytes) else _ENCODE(content)
+    media_type = response.media_type or _JSON
     headers = [(name.lower().encode(), value.encode()) for name, value in response.headers.items()]
-    headers += [(b"content-type", str(response.media_type).encode()), (b"content-length", str(len(payload)).encode())]
+    headers += [(b"content-type", str(media_type).encode()), (b"content-length", str(len(payload)).encode())]
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

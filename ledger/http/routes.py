@@ -284,7 +284,7 @@ def transfer_request(body: TransferCreate) -> TransferRequest:
     )
 
 
-def _transfer_response(outcome: TransferOutcome, state: State) -> Response:
+def transfer_response(outcome: TransferOutcome, state: State) -> Response:
     transfer = outcome.transfer
     state.metrics.transfer_outcome("replayed" if outcome.replayed else (transfer.code or "created"))
     headers = dict(REPLAYED) if outcome.replayed else {}
@@ -335,7 +335,7 @@ class TransferController(Controller):
         with `Idempotent-Replayed: true`; refusals (404/422) are recorded and replayed too."""
         body = await decode_strict(request, TransferCreate)
         outcome = await state.ledger.transfers.create(transfer_request(body))
-        return _transfer_response(outcome, state)
+        return transfer_response(outcome, state)
 
     @post(
         "/{transfer_id:str}/post",
@@ -383,7 +383,7 @@ class TransferController(Controller):
         idempotent by its own `id`; reversals of one transfer never exceed its posted amount."""
         body = await decode_strict(request, Reverse)
         path_identifier(transfer_id, TransferNotFound, "transfer")
-        return _transfer_response(await state.ledger.transfers.reverse(transfer_id, body.id, body.amount), state)
+        return transfer_response(await state.ledger.transfers.reverse(transfer_id, body.id, body.amount), state)
 
     @get("/", operation_id="listTransfers", opt=READ, responses=documented(*READ_PROBLEMS))
     async def list_transfers(
