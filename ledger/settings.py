@@ -24,6 +24,11 @@ class Settings:
     # migrations run with `migration_database_url` (default: the same), the tables' owner.
     database_url: str | None = None
     migration_database_url: str | None = None
+    # What stands between the service and PostgreSQL: `none`, or `transaction` for a
+    # pooler in transaction mode (PgBouncer's pool_mode=transaction), where consecutive
+    # transactions of one client connection may run on different server sessions: then
+    # no named prepared statements and nothing session-scoped (ledger.database).
+    database_pooler: str = "none"
     # The embedded PostgreSQL, the chain keys, the first admin key and the checkpoints.
     data_dir: Path = Path(".ledger")
     # Serving as a superuser or as the tables' owner defeats the append-only journal and
@@ -181,6 +186,10 @@ class Settings:
                 f"(got {len(self.admin_key)}); generate one with: "
                 "python3 -c 'import secrets; print(\"lk_\" + secrets.token_urlsafe(32))'"
             )
+        if self.database_pooler not in DATABASE_POOLERS:
+            raise SettingsError(
+                f"LEDGER_DATABASE_POOLER must be one of {', '.join(DATABASE_POOLERS)}, got {self.database_pooler!r}"
+            )
         if self.log_level.lower() not in LOG_LEVELS:
             raise SettingsError(f"LEDGER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         for name in ("database_url", "migration_database_url"):
@@ -214,6 +223,7 @@ class Settings:
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+DATABASE_POOLERS = ("none", "transaction")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 MIN_ADMIN_KEY_LENGTH = 32
 ADMIN_KEY_RE = re.compile(rf"[\x21-\x7e]{{{MIN_ADMIN_KEY_LENGTH},}}")

@@ -87,7 +87,9 @@ def test_instances_started_together_migrate_once_share_the_sweeper_and_agree(fre
     try:
         _wait_ready(instances)
         # One first admin key, created by exactly one instance (the others found it made).
-        key_files = [path for n in range(INSTANCES) if (path := tmp_path / f"instance-{n}" / "data" / "admin.key").exists()]
+        key_files = [
+            path for n in range(INSTANCES) if (path := tmp_path / f"instance-{n}" / "data" / "admin.key").exists()
+        ]
         assert len(key_files) == 1, key_files
         headers = {"Authorization": f"Bearer {key_files[0].read_text().strip()}"}
         asyncio.run(_exercise([base_url for _, base_url, _ in instances], headers, owner_url))
@@ -122,7 +124,9 @@ async def _exercise(base_urls: list[str], headers: dict[str, str], owner_url: st
         assert bank.status_code == 201, bank.text
         accounts = [f"user-{n}" for n in range(6)]
         for n, account in enumerate(accounts):
-            assert (await clients[n % 3].post("/v1/accounts", json={"id": account, "currency": "EUR"})).status_code == 201
+            assert (
+                await clients[n % 3].post("/v1/accounts", json={"id": account, "currency": "EUR"})
+            ).status_code == 201
         # What one instance wrote, another answers for, including a replay of its id.
         funding = {"id": "fund-0", "debit_account_id": "bank", "credit_account_id": "user-0", "amount": 1000}
         assert (await first.post("/v1/transfers", json=funding)).status_code == 201
