@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -47,7 +49,15 @@ def libpq_url(url: str) -> str:
 
 
 def server_settings(settings: Settings) -> dict[str, str]:
-    """Per-connection PostgreSQL settings: nothing the service runs may wait forever."""
+    """Per-connection PostgreSQL settings: nothing the service runs may wait forever.
+
+    Behind a transaction pooler only what the pooler itself tracks and restores on every
+    server session it hands over: PgBouncer (1.18) refuses any other startup parameter
+    ("unsupported startup parameter"), or with `ignore_startup_parameters` drops it
+    silently. The limits then come with every transaction instead (`transaction_settings`).
+    """
+    if settings.database_pooler == "transaction":
+        return {"application_name": "ledger", "timezone": "UTC"}
     return {
         "application_name": "ledger",
         "lock_timeout": str(settings.lock_timeout_ms),
@@ -61,6 +71,82 @@ def server_settings(settings: Settings) -> dict[str, str]:
         # quarter of PostgreSQL's CPU per transfer (0.83 -> 0.62 ms, loadtest/README.md).
         "plan_cache_mode": "force_generic_plan",
     }
+
+
+def transaction_settings(settings: Settings) -> str:
+    """The limits of `server_settings` as `SET LOCAL` statements, for a transaction pooler.
+
+    Not `plan_cache_mode`: without named statements nothing is planned twice anyway.
+    """
+    return (
+        f"SET LOCAL lock_timeout = {settings.lock_timeout_ms:d}; "
+        f"SET LOCAL statement_timeout = {settings.statement_timeout_ms:d}; "
+        f"SET LOCAL idle_in_transaction_session_timeout = {settings.idle_in_transaction_timeout_ms:d}"
+    )
+
+
+def with_transaction_settings(begin: str, settings_sql: str) -> str:
+    """`BEGIN ...; <settings>; <whatever followed the BEGIN>`: the settings come first, so
+    that a `SET LOCAL` the caller sends with its BEGIN (a group's shorter lock timeout)
+    still wins."""
+    head, _, rest = begin.partition(";")
+    return f"{head}; {settings_sql}" + (f"; {rest.strip()}" if rest.strip() else "")
+
+
+class TransactionPooledConnection(asyncpg.Connection):
+    """An asyncpg connection for a pooler in transaction mode: every transaction the
+    service starts, through SQLAlchemy (asyncpg's `Transaction.start`) or on the driver
+    (`BEGIN` in ledger.service.groups), carries the session's limits as `SET LOCAL`s in
+    the same simple-query message as its BEGIN: no extra round trip, and they hold on
+    whichever server session the pooler picked. Subclassed per engine with the text."""
+
+    transaction_settings_sql = ""
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's signature)
+        if not args and query.lstrip()[:5].upper() == "BEGIN":
+            query = with_transaction_settings(query, self.transaction_settings_sql)
+        return await super().execute(query, *args, timeout=timeout)
+
+
+def driver_arguments(settings: Settings) -> dict[str, Any]:
+    """asyncpg's (and SQLAlchemy's asyncpg dialect's) connect arguments.
+
+    With `LEDGER_DATABASE_POOLER=transaction` no named prepared statement is ever made: a
+    pooler in transaction mode runs a client's next transaction on any server session,
+    where the client's named statements do not exist, or another client's of the same
+    name do (PgBouncer 1.18 has no prepared-statement support). asyncpg then uses the
+    unnamed statement (`statement_cache_size=0`; SQLAlchemy's cache off and its names
+    empty: `Connection.prepare(name="")` is the unnamed statement), and parses it again
+    with each Bind, in the same message as the Execute, so that a statement run outside a
+    transaction cannot be split across two server sessions either. Every statement then
+    costs a Parse round trip more (its Describe); the hot path's group transaction goes
+    from four round trips to six.
+    """
+    arguments: dict[str, Any] = {
+        "server_settings": server_settings(settings),
+        # A connection attempt to a dead host must not hang a request either.
+        "timeout": settings.pool_timeout_seconds,
+    }
+    if settings.database_pooler == "transaction":
+        arguments.update(
+            unnamed_statement_arguments(),
+            connection_class=type(
+                "TransactionPooledConnection",
+                (TransactionPooledConnection,),
+                {"transaction_settings_sql": transaction_settings(settings)},
+            ),
+        )
+    return arguments
+
+
+def unnamed_statement_arguments() -> dict[str, Any]:
+    """Connect arguments for asyncpg under SQLAlchemy that make no named prepared
+    statement (see `driver_arguments`)."""
+    return {"statement_cache_size": 0, "prepared_statement_cache_size": 0, "prepared_statement_name_func": _unnamed}
+
+
+def _unnamed() -> str:
+    return ""
 
 
 def create_engine(
@@ -85,11 +171,7 @@ def create_engine(
         # Statement parameters are amounts, ids and metadata: they stay out of error
         # messages, and so out of logs.
         hide_parameters=True,
-        connect_args={
-            "server_settings": server_settings(settings),
-            # A connection attempt to a dead host must not hang a request either.
-            "timeout": settings.pool_timeout_seconds,
-        },
+        connect_args=driver_arguments(settings),
     )
 
 
@@ -99,6 +181,20 @@ def create_audit_engine(settings: Settings, url: str | None = None) -> AsyncEngi
     trip costs nothing that matters, and they do not go through the unit of work, which
     is what re-runs transfers on a connection found dead after a database restart."""
     return create_engine(settings, url, pool_size=settings.audit_pool_size, max_overflow=0, pre_ping=True)
+
+
+def create_replica_engine(settings: Settings) -> AsyncEngine | None:
+    """The streaming replica's pool (LEDGER_REPLICA_DATABASE_URL), or None without one
+    (ledger.service.replica). Small and tested before use, like the audit pool; and it
+    gives up fast, both connecting and waiting for a free connection
+    (LEDGER_REPLICA_CONNECT_TIMEOUT_SECONDS instead of the pool timeout): a replica that
+    is down or busy sends the read to the primary instead of holding the request."""
+    if not settings.replica_database_url:
+        return None
+    impatient = replace(settings, pool_timeout_seconds=settings.replica_connect_timeout_seconds)
+    return create_engine(
+        impatient, settings.replica_database_url, pool_size=settings.replica_pool_size, max_overflow=0, pre_ping=True
+    )
 
 
 # -- the serving role -----------------------------------------------------------------

@@ -13,17 +13,19 @@ from alembic.script import ScriptDirectory
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def alembic_config(database_url: str) -> Config:
+def alembic_config(database_url: str, pooler: str = "none") -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     # Passed as an attribute rather than an option: ConfigParser would interpret any
     # `%` in a password.
     config.attributes["database_url"] = database_url
+    # LEDGER_DATABASE_POOLER: migrations may go through the same pooler as serving.
+    config.attributes["database_pooler"] = pooler
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+def upgrade(database_url: str, revision: str = "head", *, pooler: str = "none") -> None:
+    command.upgrade(alembic_config(database_url, pooler), revision)
 
 
 def downgrade(database_url: str, revision: str) -> None:

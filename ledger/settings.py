@@ -80,6 +80,16 @@ class Settings:
     # exports then take the CPU one page (about 10 ms) at a time, between other requests.
     export_concurrency: int = 1
 
+    # A streaming replica (ledger.service.replica): with a URL, the heavy reads (lists,
+    # journals, statements, balances as of an instant, trial balances, verification) are
+    # served there once it has replayed every write acknowledged before the request,
+    # waited for at most `replica_max_wait_ms` (past it, or with the replica unreachable:
+    # the primary answers). Its pool is its own, small, and impatient.
+    replica_database_url: str | None = None
+    replica_max_wait_ms: int = 500
+    replica_pool_size: int = 5
+    replica_connect_timeout_seconds: float = 1.0
+
     # Server-side limits, set on every connection so that nothing waits forever.
     lock_timeout_ms: int = 2000
     statement_timeout_ms: int = 10000
@@ -154,6 +164,8 @@ class Settings:
             "body_timeout_seconds": self.body_timeout_seconds,
             "keep_alive_timeout_seconds": self.keep_alive_timeout_seconds,
             "audit_pool_size": self.audit_pool_size,
+            "replica_pool_size": self.replica_pool_size,
+            "replica_connect_timeout_seconds": self.replica_connect_timeout_seconds,
             "audit_timeout_seconds": self.audit_timeout_seconds,
             "export_timeout_seconds": self.export_timeout_seconds,
             "export_concurrency": self.export_concurrency,
@@ -192,7 +204,9 @@ class Settings:
             )
         if self.log_level.lower() not in LOG_LEVELS:
             raise SettingsError(f"LEDGER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        for name in ("database_url", "migration_database_url"):
+        if self.replica_max_wait_ms < 0:
+            raise SettingsError(f"LEDGER_REPLICA_MAX_WAIT_MS must be >= 0, got {self.replica_max_wait_ms}")
+        for name in ("database_url", "migration_database_url", "replica_database_url"):
             url = getattr(self, name)
             if url is not None:
                 scheme = url.strip().partition("://")[0].lower()

@@ -10,7 +10,7 @@ from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ledger.database import normalize_database_url
+from ledger.database import normalize_database_url, unnamed_statement_arguments
 from ledger.models import Base
 
 config = context.config
@@ -49,7 +49,17 @@ def _run_sync(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(_database_url(), poolclass=pool.NullPool, hide_parameters=True)
+    # Through a transaction pooler (LEDGER_DATABASE_POOLER=transaction) without named
+    # prepared statements, like the service. Nothing else is needed there: the migrations
+    # run as one transaction, under a transaction-scoped lock, and set nothing per session
+    # (and no statement timeout: a migration may take long).
+    pooler = config.attributes.get("database_pooler") or os.environ.get("LEDGER_DATABASE_POOLER") or "none"
+    engine = create_async_engine(
+        _database_url(),
+        poolclass=pool.NullPool,
+        hide_parameters=True,
+        connect_args=unnamed_statement_arguments() if pooler == "transaction" else {},
+    )
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run_sync)

@@ -1,0 +1,1 @@
+"""Running the ledger spread out: PgBouncer, a streaming replica, several instances behind HAProxy (issue 13)."""
