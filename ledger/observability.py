@@ -42,6 +42,8 @@ logger = logging.getLogger("ledger.metrics")
 
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# How long replica-routed reads waited for the replica's replay (ledger.service.replica).
+REPLICA_WAIT_BUCKETS_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 # Set by `ledger serve --workers N` for its workers (see `Metrics`).
 METRICS_DIRECTORY_VARIABLE = "LEDGER_WORKER_METRICS_DIR"
@@ -168,6 +170,11 @@ class Metrics:
         self.latency_sum: dict[tuple[str, str], float] = defaultdict(float)
         self.group_buckets = [0] * (len(GROUP_BUCKETS) + 1)
         self.group_transfers = 0
+        # Replica-routed reads by "source:reason" (replica:, primary:lagging, primary:unavailable)
+        # and the replica's lag each one observed.
+        self.replica_reads: dict[str, int] = defaultdict(int)
+        self.replica_wait_buckets = [0] * (len(REPLICA_WAIT_BUCKETS_SECONDS) + 1)
+        self.replica_wait_sum = 0.0
         self.pool: Any = None
         self.unit_of_work: Any = None
         self.groups: Any = None
@@ -183,6 +190,14 @@ class Metrics:
         """A group transaction of `transfers` transfers started (ledger.service.groups)."""
         self.group_buckets[bisect_left(GROUP_BUCKETS, transfers)] += 1
         self.group_transfers += transfers
+
+    def replica_read(self, route: Any) -> None:
+        """A replica-routed read was served (a `ledger.service.replica.ReadRoute`)."""
+        self.replica_reads[f"{route.source}:{route.reason}"] += 1
+        if route.lag_ms is not None:
+            seconds = route.lag_ms / 1000
+            self.replica_wait_buckets[bisect_left(REPLICA_WAIT_BUCKETS_SECONDS, seconds)] += 1
+            self.replica_wait_sum += seconds
 
     def transfer_outcome(self, code: str) -> None:
         self.transfer_outcomes[code] += 1
@@ -216,6 +231,7 @@ class Metrics:
             "retries": self.retries,
             "unavailable": self.unavailable_answers,
             "groups": [self.group_buckets, self.group_transfers],
+            "replica": [self.replica_reads, self.replica_wait_buckets, self.replica_wait_sum],
             "gauges": gauges,
         }
 
@@ -298,7 +314,17 @@ def _render(
     }
     group_buckets = [0] * (len(GROUP_BUCKETS) + 1)
     group_transfers = 0
+    replica_reads: dict[str, int] = defaultdict(int)
+    replica_wait = [0] * (len(REPLICA_WAIT_BUCKETS_SECONDS) + 1)
+    replica_wait_sum = 0.0
     for snapshot in snapshots:
+        # Absent from the snapshots of workers of an older version.
+        reads, waits, wait_sum = snapshot.get("replica", ({}, [], 0.0))
+        for key, count in reads.items():
+            replica_reads[key] += count
+        for index, count in enumerate(waits):
+            replica_wait[index] += count
+        replica_wait_sum += wait_sum
         for method, route, status, count in snapshot["requests"]:
             requests[method, route, status] += count
         for method, route, buckets, seconds in snapshot["latency"]:
@@ -355,6 +381,23 @@ def _render(
         f"ledger_group_transfers_sum{{{process}}} {group_transfers}",
         f"ledger_group_transfers_count{{{process}}} {sum(group_buckets)}",
     ]
+    if replica_reads:
+        lines += [
+            "# HELP ledger_replica_reads_total Replica-routed reads by who served them "
+            "(replica, or primary with the reason: lagging, unavailable).",
+            "# TYPE ledger_replica_reads_total counter",
+        ]
+        for key, count in sorted(replica_reads.items()):
+            source, _, reason = key.partition(":")
+            lines.append(f'ledger_replica_reads_total{{{process},source="{source}",reason="{reason}"}} {count}')
+        lines += [
+            "# HELP ledger_replica_wait_seconds How long replica-routed reads waited for the replica to replay "
+            "the writes acknowledged before them (its lag as they saw it).",
+            "# TYPE ledger_replica_wait_seconds histogram",
+            *_histogram("ledger_replica_wait_seconds", process, REPLICA_WAIT_BUCKETS_SECONDS, replica_wait),
+            f"ledger_replica_wait_seconds_sum{{{process}}} {replica_wait_sum:.6f}",
+            f"ledger_replica_wait_seconds_count{{{process}}} {sum(replica_wait)}",
+        ]
     queues = [(pid, values["group_queue"]) for pid, values in gauges if "group_queue" in values]
     if queues:
         lines += [

@@ -8,7 +8,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from litestar import Litestar, Request
@@ -17,8 +17,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.routes import HTTPRoute
 
 from ledger import __version__
-from ledger.database import create_audit_engine, create_engine
-from ledger.http.audit import AuditController, Verifications, verify_with_checkpoint
+from ledger.database import create_audit_engine, create_engine, create_replica_engine
+from ledger.http.audit import AuditController, Verifications, verify_routed
 from ledger.http.auth import ROLES, authenticate
 from ledger.http.body import check_request_body
 from ledger.http.docs import DOCS_PATH, SwaggerPage, docs_router
@@ -39,6 +39,7 @@ from ledger.service.groups import GroupCommitter, GroupLocker, lock_group
 from ledger.service.keys import KeyRing
 from ledger.service.locking import AccountLocker, lock_accounts
 from ledger.service.queries import LedgerQueries
+from ledger.service.replica import ReadRouter, ReadTarget
 from ledger.service.transfers import TransferService
 from ledger.service.unit_of_work import UnitOfWork
 from ledger.settings import Settings
@@ -82,6 +83,7 @@ def create_app(
             )
         engine = create_engine(settings)
         audit_engine = create_audit_engine(settings)
+        replica_engine = create_replica_engine(settings)
         metrics.pool = engine.sync_engine.pool
         app.state.api_keys = KeyRing(engine, settings.admin_key, keyring, disabled=settings.insecure_disable_auth)
         unit_of_work = UnitOfWork(engine.connect, settings, on_retry=metrics.retry)
@@ -89,10 +91,23 @@ def create_app(
         app.state.engine = engine
         app.state.audit_engine = audit_engine
         app.state.export_slots = asyncio.Semaphore(settings.export_concurrency)
+        queries = LedgerQueries(unit_of_work)
+        replica = None
+        if replica_engine is not None:
+            # No retries on the replica: the primary is the retry (ledger.service.replica).
+            replica_unit_of_work = UnitOfWork(replica_engine.connect, replace(settings, max_retries=0))
+            replica = ReadTarget(replica_engine, LedgerQueries(replica_unit_of_work))
+        app.state.reads = ReadRouter(
+            ReadTarget(audit_engine, queries),
+            unit_of_work,
+            replica,
+            max_wait_ms=settings.replica_max_wait_ms,
+            on_read=metrics.replica_read,
+        )
         # A verification holds an audit connection for its whole run: leave one of the
         # pool to exports, trial balances and checkpoints.
         app.state.verifications = Verifications(
-            partial(verify_with_checkpoint, audit_engine, keyring, settings.checkpoints),
+            partial(verify_routed, app.state.reads, keyring, settings.checkpoints),
             slots=max(1, settings.audit_pool_size - 1),
         )
         app.state.chain = keyring
@@ -114,7 +129,7 @@ def create_app(
             accounts=AccountService(unit_of_work, chain),
             groups=groups,
             transfers=TransferService(unit_of_work, chain, groups, locker),
-            queries=LedgerQueries(unit_of_work),
+            queries=queries,
         )
         tasks = []
         if settings.expiry_sweep_interval_seconds > 0:
@@ -155,6 +170,8 @@ def create_app(
             await groups.close()
             await engine.dispose()
             await audit_engine.dispose()
+            if replica_engine is not None:
+                await replica_engine.dispose()
 
     metrics = Metrics()
     app = Litestar(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Generic, TypeVar
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -28,6 +28,9 @@ from ledger.http.schemas import (
 )
 from ledger.integrity import Keyring
 from ledger.service import audit, checkpoints
+from ledger.service.replica import ReadRouter, ReadTarget, Routed
+
+T = TypeVar("T")
 
 CurrencyFilter = Annotated[str | None, QueryParameter(description="Only this currency", pattern=r"^[A-Z]{3}$")]
 AsOf = Annotated[str | None, QueryParameter(description="RFC 3339; default now", format="date-time")]
@@ -53,7 +56,7 @@ def report_out(report: audit.AuditReport) -> AuditReportOut:
     )
 
 
-class Verifications:
+class Verifications(Generic[T]):
     """Verifications requested at once share their runs.
 
     A request joins the next run for its scope (the whole ledger, or one account): the
@@ -66,14 +69,14 @@ class Verifications:
     leaves the run to the others.
     """
 
-    def __init__(self, run: Callable[[str | None], Awaitable[audit.AuditReport]], slots: int) -> None:
+    def __init__(self, run: Callable[[str | None], Awaitable[T]], slots: int) -> None:
         self._run = run
         self._slots = asyncio.Semaphore(slots)
-        self._next: dict[str | None, asyncio.Future[audit.AuditReport]] = {}
+        self._next: dict[str | None, asyncio.Future[T]] = {}
         self._running: dict[str | None, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def verify(self, scope: str | None) -> audit.AuditReport:
+    async def verify(self, scope: str | None) -> T:
         future = self._next.get(scope)
         if future is None:
             future = asyncio.get_running_loop().create_future()
@@ -83,9 +86,7 @@ class Verifications:
             task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(future)
 
-    async def _start(
-        self, scope: str | None, future: asyncio.Future[audit.AuditReport], previous: asyncio.Task[None] | None
-    ) -> None:
+    async def _start(self, scope: str | None, future: asyncio.Future[T], previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
             await asyncio.wait([previous])
         # From here on, requests for this scope wait for the run after this one.
@@ -120,6 +121,19 @@ async def verify_with_checkpoint(
     return await audit.verify(engine, keyring, account_id, checkpoint, checkpoint_error=error)
 
 
+async def verify_routed(
+    reads: ReadRouter, keyring: Keyring, directory: Path, account_id: str | None
+) -> Routed[audit.AuditReport]:
+    """Verification on the replica when it has caught up (ledger.service.replica). It only
+    reads: checkpoints are written by the checkpointer, on the primary. A shared run starts
+    after every request that joined it arrived, so its replay check covers their writes."""
+
+    async def run(target: ReadTarget) -> audit.AuditReport:
+        return await verify_with_checkpoint(target.engine, keyring, directory, account_id)
+
+    return await reads.read(run)
+
+
 class AuditController(Controller):
     tags = ["audit"]
 
@@ -130,7 +144,9 @@ class AuditController(Controller):
         opt=AUDIT,
         responses=documented(*READ_PROBLEMS, 404, 413, 415),
     )
-    async def verify(self, request: Request, state: State, data: JSONBody[AuditVerify | None] = None) -> AuditReportOut:
+    async def verify(
+        self, request: Request, state: State, data: JSONBody[AuditVerify | None] = None
+    ) -> Response[AuditReportOut]:
         """Recompute every account's balance from its entries, check every entry's keyed hash
         chain, every transfer's seal against its journal entries, and the whole against the
         last checkpoint (or one account and its transfers). `ok` is false when any problem
@@ -141,24 +157,29 @@ class AuditController(Controller):
         settings = state.settings
         try:
             async with asyncio.timeout(settings.audit_timeout_seconds):
-                report = await state.verifications.verify(body.account_id)
+                routed = await state.verifications.verify(body.account_id)
         except TimeoutError as error:
             raise Overloaded(
                 f"verification did not finish within its {settings.audit_timeout_seconds} s budget, waiting included "
                 "(LEDGER_AUDIT_TIMEOUT_SECONDS); run `ledger audit verify`, which has none"
             ) from error
-        return report_out(report)
+        return Response(report_out(routed.value), headers=routed.headers)
 
     @get("/v1/balances", operation_id="getTrialBalance", opt=READ, responses=documented(*READ_PROBLEMS))
-    async def balances(self, state: State, currency: CurrencyFilter = None, as_of: AsOf = None) -> TrialBalanceOut:
+    async def balances(
+        self, state: State, currency: CurrencyFilter = None, as_of: AsOf = None
+    ) -> Response[TrialBalanceOut]:
         """A trial balance read from one consistent snapshot: per currency the sum of
         debits, of credits, and their difference, which is always 0."""
         if currency is not None and not CURRENCY_RE.fullmatch(currency):
             raise InvalidRequest(
                 "`currency` must be three upper-case letters", [{"field": "currency", "message": "^[A-Z]{3}$"}]
             )
-        moment, totals = await audit.trial_balance(state.audit_engine, currency, _timestamp("as_of", as_of))
-        return TrialBalanceOut(
-            as_of=format_timestamp(moment),
+        moment = _timestamp("as_of", as_of)
+        routed = await state.reads.read(lambda target: audit.trial_balance(target.engine, currency, moment))
+        taken_at, totals = routed.value
+        out = TrialBalanceOut(
+            as_of=format_timestamp(taken_at),
             balances=[CurrencyBalanceOut(t.currency, t.debits, t.credits, t.difference) for t in totals],
         )
+        return Response(out, headers=routed.headers)

@@ -126,14 +126,18 @@ class AccountController(Controller):
     @get("/", operation_id="listAccounts", opt=READ, responses=documented(*READ_PROBLEMS))
     async def list_accounts(
         self, state: State, limit: Limit = None, cursor: Cursor = None, currency: CurrencyFilter = None
-    ) -> AccountPage:
+    ) -> Response[AccountPage]:
         """Accounts ordered by id, keyset-paginated."""
         if currency is not None and not CURRENCY_RE.fullmatch(currency):
             raise InvalidRequest(
                 "`currency` must be three upper-case letters", [{"field": "currency", "message": "^[A-Z]{3}$"}]
             )
-        page = await state.ledger.queries.accounts(currency=currency, limit=_page_size(state, limit), cursor=cursor)
-        return AccountPage(data=[account_out(a) for a in page.items], next_cursor=page.next_cursor)
+        size = _page_size(state, limit)
+        routed = await state.reads.read(lambda on: on.queries.accounts(currency=currency, limit=size, cursor=cursor))
+        page = routed.value
+        return Response(
+            AccountPage(data=[account_out(a) for a in page.items], next_cursor=page.next_cursor), headers=routed.headers
+        )
 
     @get("/{account_id:str}", operation_id="getAccount", opt=READ, responses=documented(*READ_PROBLEMS, 404))
     async def get_account(self, state: State, account_id: AccountId) -> AccountOut:
@@ -156,21 +160,21 @@ class AccountController(Controller):
         cursor: Cursor = None,
         start: From = None,
         end: To = None,
-    ) -> EntryPage:
+    ) -> Response[EntryPage]:
         """The account's journal, oldest first: sequence 1, 2, 3... with no gaps. With
         `Accept: text/csv` the whole statement (every page, within from/to) streams as CSV
         up to the account's last entry when the export started."""
         path_identifier(account_id, AccountNotFound, "account")
         if "text/csv" in request.headers.get("accept", ""):
             return await csv_statement(state, account_id, _timestamp("from", start), _timestamp("to", end))  # type: ignore[return-value]
-        page = await state.ledger.queries.entries(
-            account_id,
-            start=_timestamp("from", start),
-            end=_timestamp("to", end),
-            limit=_page_size(state, limit),
-            cursor=cursor,
+        start_at, end_at, size = _timestamp("from", start), _timestamp("to", end), _page_size(state, limit)
+        routed = await state.reads.read(
+            lambda on: on.queries.entries(account_id, start=start_at, end=end_at, limit=size, cursor=cursor)
         )
-        return EntryPage(data=[entry_out(e) for e in page.items], next_cursor=page.next_cursor)
+        page = routed.value
+        return Response(
+            EntryPage(data=[entry_out(e) for e in page.items], next_cursor=page.next_cursor), headers=routed.headers
+        )
 
     @get(
         "/{account_id:str}/balance",
@@ -183,11 +187,16 @@ class AccountController(Controller):
         state: State,
         account_id: AccountId,
         as_of: AsOf = None,
-    ) -> AccountBalanceOut:
+    ) -> Response[AccountBalanceOut]:
         """The posted balance after the last entry at or before `as_of`."""
         path_identifier(account_id, AccountNotFound, "account")
-        balance = await state.ledger.queries.balance(account_id, _timestamp("as_of", as_of))
-        return balance_out(balance)
+        moment = _timestamp("as_of", as_of)
+        if moment is None:
+            # The balance now is what payment services poll right after a transfer: the
+            # primary answers it, with no extra round trip.
+            return Response(balance_out(await state.ledger.queries.balance(account_id, None)))
+        routed = await state.reads.read(lambda on: on.queries.balance(account_id, moment))
+        return Response(balance_out(routed.value), headers=routed.headers)
 
 
 async def _optional_body(request: Request, kind: type[T]) -> T | None:
@@ -224,7 +233,10 @@ async def csv_statement(state: State, account_id: str, start: datetime | None, e
     formatting a page takes one of the process's export slots (LEDGER_EXPORT_CONCURRENCY),
     so however many exports run, they use the CPU one page at a time, and every other
     request gets its turn in between."""
-    pages = aiter(await audit.statement_pages(state.audit_engine, account_id, start, end))
+    # Every page from the side that answered the first query (the replica when it had
+    # caught up with the request): the statement ends at the entry read then.
+    routed = await state.reads.read(lambda on: audit.statement_pages(on.engine, account_id, start, end))
+    pages = aiter(routed.value)
     slots: asyncio.Semaphore = state.export_slots
 
     async def lines() -> AsyncIterator[bytes]:
@@ -252,7 +264,7 @@ async def csv_statement(state: State, account_id: str, start: datetime | None, e
         lines(),
         budget_seconds=state.settings.export_timeout_seconds,
         media_type=CSV_MEDIA_TYPE,
-        headers={"Content-Disposition": statement_disposition(account_id)},
+        headers={"Content-Disposition": statement_disposition(account_id), **routed.headers},
     )
 
 
@@ -395,22 +407,27 @@ class TransferController(Controller):
         end: To = None,
         account_id: AccountFilter = None,
         status: StatusFilter = None,
-    ) -> TransferPage:
+    ) -> Response[TransferPage]:
         """Transfers oldest first (rejected ones included), filtered and keyset-paginated."""
         if status is not None and status not in TRANSFER_STATUSES:
             raise InvalidRequest(
                 f"`status` must be one of {', '.join(TRANSFER_STATUSES)}",
                 [{"field": "status", "message": "unknown status"}],
             )
-        page = await state.ledger.queries.transfers(
-            account_id=_query_identifier("account_id", account_id),
-            status=status,
-            start=_timestamp("from", start),
-            end=_timestamp("to", end),
-            limit=_page_size(state, limit),
-            cursor=cursor,
+        filters = {
+            "account_id": _query_identifier("account_id", account_id),
+            "status": status,
+            "start": _timestamp("from", start),
+            "end": _timestamp("to", end),
+            "limit": _page_size(state, limit),
+            "cursor": cursor,
+        }
+        routed = await state.reads.read(lambda on: on.queries.transfers(**filters))
+        page = routed.value
+        return Response(
+            TransferPage(data=[transfer_out(t) for t in page.items], next_cursor=page.next_cursor),
+            headers=routed.headers,
         )
-        return TransferPage(data=[transfer_out(t) for t in page.items], next_cursor=page.next_cursor)
 
     @get("/{transfer_id:str}", operation_id="getTransfer", opt=READ, responses=documented(*READ_PROBLEMS, 404))
     async def get_transfer(self, state: State, transfer_id: TransferId) -> TransferOut:
