@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test browser migrate stop status lint clean
+.PHONY: run test browser cluster-tools cluster cluster-down cluster-status migrate stop status lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -34,7 +34,7 @@ stop: $(VENV)/.installed-run
 status: $(VENV)/.installed-run
 	$(BIN)/ledger db status
 
-test: $(VENV)/.installed-test browser
+test: $(VENV)/.installed-test browser cluster-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # tests/e2e/test_docs.py renders the docs page in a real browser, Debian's Chromium:
@@ -46,6 +46,32 @@ browser:
 	    echo "installing Debian's chromium for the docs browser test"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	  else echo "note: install Chromium (Debian: apt-get install chromium) for the docs browser test"; fi; }
+
+# PgBouncer and HAProxy, Debian's packages, for `make cluster` and the tests that run the
+# service through them: installed here when missing and this runs as root with apt-get;
+# otherwise this says what to install (and those tests fail under CI).
+cluster-tools:
+	@missing=""; for tool in pgbouncer haproxy; do \
+	  command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "note: install$$missing (Debian: apt-get install$$missing) for make cluster and its tests"; fi; fi
+
+# A scaled-out deployment on loopback (README, "Scaling out"): primary + synchronous
+# standby, PgBouncer, CLUSTER_INSTANCES instances, HAProxy on CLUSTER_PORT. Runs in the
+# background until `make cluster-down`.
+CLUSTER_INSTANCES ?= 2
+CLUSTER_PORT ?= 8080
+cluster: $(VENV)/.installed-run cluster-tools
+	$(BIN)/ledger cluster up --instances $(CLUSTER_INSTANCES) --port $(CLUSTER_PORT)
+
+cluster-down: $(VENV)/.installed-run
+	$(BIN)/ledger cluster down
+
+cluster-status: $(VENV)/.installed-run
+	$(BIN)/ledger cluster status
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check ledger migrations tests loadtest

@@ -160,7 +160,7 @@ def serve(settings: Settings) -> int:
     metrics_directory = None
     try:
         with _database_errors(database.migration_url):
-            migrate.upgrade(database.migration_url)
+            migrate.upgrade(database.migration_url, pooler=settings.database_pooler)
         # Created only once the database answered: a start that fails earlier leaves nothing.
         keyring = _keyring(settings, create=True)
         # With several workers, where each publishes its metrics for whichever one is scraped.
@@ -274,7 +274,7 @@ def run_migrations(settings: Settings) -> int:
     database = _database(settings)
     try:
         with _database_errors(database.migration_url):
-            migrate.upgrade(database.migration_url)
+            migrate.upgrade(database.migration_url, pooler=settings.database_pooler)
         logger.info("database at %s is at revision %s", _redacted(database.migration_url), migrate.head_revision())
     finally:
         database.stop()
@@ -292,7 +292,7 @@ def _on_database(
     try:
         if migrate_first:
             with _database_errors(database.migration_url):
-                migrate.upgrade(database.migration_url)
+                migrate.upgrade(database.migration_url, pooler=settings.database_pooler)
 
         async def run() -> T:
             engine = create_engine(settings, database.migration_url if owner else database.serving_url)
@@ -483,6 +483,41 @@ def db_command(settings: Settings, arguments: argparse.Namespace) -> int:
     return 0
 
 
+def cluster_command(arguments: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ledger.cluster import stack
+
+    directory = Path(arguments.dir)
+    if arguments.cluster_command == "up":
+        try:
+            state = stack.up(directory, arguments.instances, arguments.port)
+        except RuntimeError as error:
+            print(f"ledger: {error}", file=sys.stderr)
+            return 2
+        key = Path(state["admin_key_file"]).read_text().strip()
+        print(
+            f"cluster ready: {state['base_url']}\n"
+            f"  admin key: {key}  (kept in {state['admin_key_file']})\n"
+            f"  primary 127.0.0.1:{state['primary']['port']}, synchronous standby 127.0.0.1:{state['standby']['port']}, "
+            f"PgBouncer 127.0.0.1:{state['pgbouncer']['port']}, "
+            f"instances {', '.join(str(i['port']) for i in state['instances'])}\n"
+            f'  try: curl -H "Authorization: Bearer {key}" {state["base_url"]}/v1/accounts\n'
+            f"  stop it with `make cluster-down` (ledger cluster down --dir {directory})"
+        )
+        return 0
+    if arguments.cluster_command == "down":
+        stopped = stack.down(directory)
+        print("cluster stopped" if stopped else f"no cluster running from {directory}")
+        return 0
+    state = stack.read_state(directory)
+    if not state:
+        print(f"no cluster in {directory}")
+        return 3
+    print(json.dumps(state, indent=2))
+    return 0 if state.get("status") not in ("stopped", "failed") else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledger", description="A double-entry banking ledger on PostgreSQL.")
     parser.add_argument("--version", action="version", version=f"ledger {__version__}")
@@ -521,6 +556,16 @@ def main(argv: list[str] | None = None) -> int:
     db_commands = db_parser.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("status", help="is it running, on which port, and who owns it (exit 3: not running)")
     db_commands.add_parser("stop", help="stop it, whoever started it")
+    cluster_parser = commands.add_parser(
+        "cluster", help="a local scaled-out deployment: primary, synchronous standby, PgBouncer, instances, HAProxy"
+    )
+    cluster_commands = cluster_parser.add_subparsers(dest="cluster_command", required=True)
+    cluster_up = cluster_commands.add_parser("up", help="start it (in the background) and print its URL and admin key")
+    cluster_up.add_argument("--instances", type=int, default=2, help="service instances (default 2)")
+    cluster_up.add_argument("--port", type=int, default=8080, help="HAProxy's port, the base URL (default 8080)")
+    for name in ("up", "down", "status"):
+        target = cluster_up if name == "up" else cluster_commands.add_parser(name, help=f"{name} the cluster")
+        target.add_argument("--dir", default=".ledger-cluster", help="its state and data (default .ledger-cluster)")
     arguments = parser.parse_args(argv)
 
     overrides = {
@@ -544,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(settings)
         if arguments.command == "db":
             return db_command(settings, arguments)
+        if arguments.command == "cluster":
+            return cluster_command(arguments)
         if arguments.command == "keys":
             return keys_command(settings, arguments)
         if arguments.command == "audit":

@@ -21,6 +21,7 @@ then compares the database with the clients' record:
 
     python -m loadtest.faults pg-crash --duration 30       # a long form
     python -m loadtest.faults all --duration 6              # every scenario, short
+    python -m loadtest.faults failover --duration 10        # kill the primary of `make cluster`'s deployment
 
 The test suite runs the short forms (`tests/faults/`).
 """
@@ -587,6 +588,119 @@ async def client_disconnects(bench_: Bench, record: Record, phase: float, load: 
     return {"back_at": time.monotonic() - 0.001, "hung_up_requests": len(bodies)}
 
 
+# -- failover, on the scaled-out deployment (ledger.cluster.stack) -----------------------
+
+
+@dataclass
+class ClusterBench:
+    """`make cluster`'s deployment in a directory of its own: a primary and a synchronous
+    standby, PgBouncer, two instances, HAProxy. Offers what the scenarios use of a
+    `Bench`; `database_url` is always the current primary's (the standby's after a
+    failover), as its owner."""
+
+    directory: Path
+    base_url: str
+    api_key: str
+
+    @property
+    def state(self) -> dict:
+        from ledger.cluster import stack
+
+        return stack.read_state(self.directory) or {}
+
+    @property
+    def database_url(self) -> str:
+        primary = EmbeddedPostgres(Path(self.state["primary"]["data_dir"]))
+        primary.port = self.state["primary"]["port"]
+        return primary.url
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def session(self, timeout: float, limit: int = 100) -> aiohttp.ClientSession:
+        return Bench.session(self, timeout, limit)  # type: ignore[arg-type]
+
+    def _log_lines(self) -> list[str]:
+        lines: list[str] = []
+        for log in sorted(self.directory.glob("instance-*/service.log")):
+            lines += log.read_text(errors="replace").splitlines()
+        return lines
+
+    def protocol_doubts(self) -> list[str]:
+        return [line for line in self._log_lines() if "another operation" in line or "cannot switch to state" in line]
+
+    def errors_logged(self) -> list[str]:
+        return [line for line in self._log_lines() if '"level":"error"' in line or '"level": "error"' in line]
+
+
+@contextmanager
+def cluster_bench(instances: int = 2) -> Iterator[ClusterBench]:
+    from ledger.cluster import stack
+
+    with tempfile.TemporaryDirectory(prefix="ledger-failover-") as directory:
+        try:
+            state = stack.up(Path(directory), instances, free_port())
+            api_key = Path(state["admin_key_file"]).read_text().strip()
+            yield ClusterBench(Path(directory), state["base_url"], api_key)
+        finally:
+            stack.down(Path(directory))
+
+
+async def failover(bench_: ClusterBench, record: Record, phase: float, load: Load) -> dict:
+    """Fault: the primary dies (`kill -9` of its postmaster: no shutdown, no last WAL
+    flush) while clients post through HAProxy and PgBouncer. The cluster's supervisor
+    promotes the synchronous standby and points PgBouncer at it. Pass: the invariants,
+    checked on the promoted server (every acknowledged transfer there once: it was on
+    the standby before the client was told), its journal sequences gap-free and its hash
+    chains verified; the first acknowledgement within 10 s of the kill (reported as
+    `recovery_seconds`, from the kill, so detection and promotion count); auditors'
+    reads served by the standby before the fault."""
+    async with httpx.AsyncClient(base_url=bench_.base_url, headers=bench_.headers, timeout=30) as http:
+        read = await http.get(f"/v1/accounts/{load.accounts[0]}/entries")
+        read_source = read.headers.get("Ledger-Read-Source")
+    state = bench_.state
+    old_primary = Path(state["primary"]["data_dir"])
+    pid = int((old_primary / "pgdata" / "postmaster.pid").read_text().split()[0])
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not bench_.state.get("failovers"):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cluster did not fail over within 30 s")
+        await asyncio.sleep(0.05)
+    promoted = bench_.state["failovers"][-1]
+    return {
+        "back_at": killed_at,
+        "failover_seconds": promoted["seconds"],
+        "promote_seconds": promoted["promote_seconds"],
+        "detected_and_promoted_within_seconds": round(time.monotonic() - killed_at, 3),
+        "audit_read_source_before_fault": read_source,
+        "new_primary": bench_.state["primary"]["data_dir"],
+    }
+
+
+async def journal_gaps(database_url: str, prefix: str) -> int:
+    """Accounts whose journal is not exactly sequences 1..entries_count."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        return int(
+            await connection.fetchval(
+                """
+                SELECT count(*) FROM accounts a
+                LEFT JOIN (SELECT account_id, count(*) AS n, min(sequence) AS lo, max(sequence) AS hi
+                           FROM entries GROUP BY account_id) e ON e.account_id = a.id
+                WHERE a.id LIKE $1 || '-%'
+                  AND (COALESCE(e.n, 0) <> a.entries_count OR COALESCE(e.hi, 0) <> a.entries_count
+                       OR COALESCE(e.lo, 1) <> 1)
+                """,
+                prefix,
+            )
+        )
+    finally:
+        await connection.close()
+
+
 SCENARIOS: dict[str, Fault] = {
     "pg-crash": pg_crash,
     "pg-backend-kill": pg_backend_kill,
@@ -612,12 +726,23 @@ async def run_scenario(name: str, bench_: Bench, *, clients: int = 8, phase: flo
         ]
         await asyncio.sleep(phase)
         acknowledged_before = len(record.acknowledged)
-        fault = await SCENARIOS[name](bench_, record, phase, Load(http, accounts, prefix))
+        fault = await ALL_SCENARIOS[name](bench_, record, phase, Load(http, accounts, prefix))
         await asyncio.sleep(phase)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=settle_seconds + 30)
-    recovery = record.first_acknowledgement_after(fault.pop("back_at"))
+    back_at = fault.pop("back_at")
+    recovery = record.first_acknowledgement_after(back_at)
+    if name == "failover":
+        # What clients lived through: the longest stretch without any acknowledgement,
+        # from the kill until the load ended (requests in flight at the kill may still be
+        # acknowledged at once, so the first acknowledgement alone says little).
+        times = sorted(t for t in record.acknowledged_at if t >= back_at)
+        fault["longest_pause_seconds"] = round(
+            max((b - a for a, b in zip([back_at, *times], times, strict=False)), default=0.0), 3
+        )
     comparison = await compare(bench_, prefix, record)
+    if name == "failover":
+        comparison["journal_gaps"] = await journal_gaps(bench_.database_url, prefix)
     server_errors = {status: n for status, n in record.statuses.items() if status >= 500 and status != 503}
     report = {
         "scenario": name,
@@ -643,6 +768,11 @@ async def run_scenario(name: str, bench_: Bench, *, clients: int = 8, phase: flo
     }
     report["passed"] = not failures(report)
     return report
+
+
+# Scenarios on the scaled-out deployment (`cluster_bench`), not on a single service.
+CLUSTER_SCENARIOS: dict[str, Fault] = {"failover": failover}  # type: ignore[dict-item]
+ALL_SCENARIOS = {**SCENARIOS, **CLUSTER_SCENARIOS}
 
 
 INVARIANTS = (
@@ -678,6 +808,13 @@ def failures(report: dict) -> list[str]:
         problems.append(
             f"stuck lock: {report['probes_acknowledged']} of {report['probes_sent']} other transfers acknowledged "
             f"(slowest {report['slowest_probe_seconds']} s), 503 codes {report['codes_503']}"
+        )
+    if report["scenario"] == "failover" and (
+        report["journal_gaps"] or report["audit_read_source_before_fault"] != "replica"
+    ):
+        problems.append(
+            f"failover: {report['journal_gaps']} journals with gaps on the promoted server, auditors' read served "
+            f"by {report['audit_read_source_before_fault']!r} before the fault (expected the replica)"
         )
     if report["scenario"] == "service-term" and report["replays"]:
         # A replay on retry means a request was applied but its answer never arrived: a
@@ -768,12 +905,12 @@ async def overload(bench_: Bench, *, requests: int = 2000, concurrency: int = 64
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.faults", description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=[*SCENARIOS, "overload", "all"])
+    parser.add_argument("scenario", choices=[*ALL_SCENARIOS, "overload", "all"])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load before and after the fault")
     parser.add_argument("--report", type=Path)
     arguments = parser.parse_args(argv)
-    names = [*SCENARIOS, "overload"] if arguments.scenario == "all" else [arguments.scenario]
+    names = [*ALL_SCENARIOS, "overload"] if arguments.scenario == "all" else [arguments.scenario]
     reports = []
     for name in names:
         if name == "overload":
@@ -789,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(report)
             print(f"overload: {report['answers_while_overloaded']}, passed={report['passed']}", file=sys.stderr)
             continue
-        with bench() as instance:
+        with cluster_bench() if name in CLUSTER_SCENARIOS else bench() as instance:
             report = asyncio.run(run_scenario(name, instance, clients=arguments.clients, phase=arguments.duration))
         reports.append(report)
         verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(failures(report))
