@@ -36,16 +36,30 @@ def normalize_database_url(url: str) -> str:
             f"LEDGER_DATABASE_URL must start with postgresql://, postgres:// or postgresql+asyncpg://, got {parts.scheme!r}://"
         )
     query = []
+    netloc = parts.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    if "," in hosts:
+        # libpq's multi-host form (`@db1:5432,db2:5432/ledger?target_session_attrs=
+        # read-write`, how a client follows a failover to whichever server takes
+        # writes): SQLAlchemy spells it as repeated `host=` parameters, which asyncpg
+        # tries in order.
+        query += [("host", host) for host in hosts.split(",") if host]
+        netloc = f"{userinfo}{at}"
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         query.append(("ssl" if key == "sslmode" else key, value))
-    return urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+    return urlunsplit((scheme, netloc, parts.path, urlencode(query), parts.fragment))
 
 
 def libpq_url(url: str) -> str:
     """The plain `postgresql://` form, for psql, pgbench and other libpq tools."""
     parts = urlsplit(normalize_database_url(url))
-    query = [("sslmode" if key == "ssl" else key, value) for key, value in parse_qsl(parts.query)]
-    return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), parts.fragment))
+    pairs = parse_qsl(parts.query)
+    hosts = [value for key, value in pairs if key == "host"]
+    netloc = parts.netloc + ",".join(hosts) if len(hosts) > 1 else parts.netloc
+    query = [
+        ("sslmode" if key == "ssl" else key, value) for key, value in pairs if not (key == "host" and len(hosts) > 1)
+    ]
+    return urlunsplit(("postgresql", netloc, parts.path, urlencode(query), parts.fragment))
 
 
 def server_settings(settings: Settings) -> dict[str, str]:

