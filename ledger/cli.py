@@ -491,7 +491,7 @@ def cluster_command(arguments: argparse.Namespace) -> int:
     directory = Path(arguments.dir)
     if arguments.cluster_command == "up":
         try:
-            state = stack.up(directory, arguments.instances, arguments.port)
+            state = stack.up(directory, arguments.instances, arguments.port, arguments.synchronous_commit)
         except RuntimeError as error:
             print(f"ledger: {error}", file=sys.stderr)
             return 2
@@ -563,6 +563,13 @@ def main(argv: list[str] | None = None) -> int:
     cluster_up = cluster_commands.add_parser("up", help="start it (in the background) and print its URL and admin key")
     cluster_up.add_argument("--instances", type=int, default=2, help="service instances (default 2)")
     cluster_up.add_argument("--port", type=int, default=8080, help="HAProxy's port, the base URL (default 8080)")
+    cluster_up.add_argument(
+        "--synchronous-commit",
+        choices=["on", "remote_apply", "remote_write", "local"],
+        default="on",
+        help="on (default): acknowledged once flushed on the standby too; remote_apply: also visible there; "
+        "remote_write: received there; local: the standby asynchronous",
+    )
     for name in ("up", "down", "status"):
         target = cluster_up if name == "up" else cluster_commands.add_parser(name, help=f"{name} the cluster")
         target.add_argument("--dir", default=".ledger-cluster", help="its state and data (default .ledger-cluster)")

@@ -41,20 +41,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--variants",
+        default="cluster-1,cluster-2",
+        help="deployments besides `direct`: cluster-N (N instances), cluster-N-local (the standby asynchronous: "
+        "synchronous_commit=local, to see what waiting for it costs)",
+    )
     parser.add_argument("--report", type=Path)
     arguments = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ledger-cluster-bench-"))
     targets: dict[str, tuple[str, str]] = {}
-    results: dict[str, list[float]] = {"direct": [], "cluster-1": [], "cluster-2": []}
+    variants = [name.strip() for name in arguments.variants.split(",") if name.strip()]
+    results: dict[str, list[float]] = {name: [] for name in ("direct", *variants)}
     p99: dict[str, list[float]] = {name: [] for name in results}
     with ExitStack() as stack_:
         direct = stack_.enter_context(local_service())
         targets["direct"] = (direct.base_url, direct.api_key)
-        for instances in (1, 2):
-            directory = work / f"cluster-{instances}"
-            state = stack.up(directory, instances, free_port())
+        for name in variants:
+            _, instances, *commit = name.split("-")
+            directory = work / name
+            state = stack.up(directory, int(instances), free_port(), commit[0] if commit else "on")
             stack_.callback(stack.down, directory)
-            targets[f"cluster-{instances}"] = (state["base_url"], Path(state["admin_key_file"]).read_text().strip())
+            targets[name] = (state["base_url"], Path(state["admin_key_file"]).read_text().strip())
         names = list(results)
         for number in range(arguments.rounds):
             order = names if number % 2 == 0 else names[::-1]
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {number + 1} {name}: {results[name][-1]:.1f} transfers/s", flush=True)
     ratios = {
         name: [round(value / base, 3) for value, base in zip(results[name], results["direct"], strict=True)]
-        for name in ("cluster-1", "cluster-2")
+        for name in variants
     }
     summary = {
         "clients": arguments.clients,

@@ -3,10 +3,11 @@ in transaction mode with the setting on, against the service straight on Postgre
 without it, in the same run on the same database, in alternating short rounds (this
 machine's speed drifts), as the median of the per-round ratios.
 
-    .venv/bin/python -m loadtest.pooler --server-url postgresql://postgres@127.0.0.1:5432/postgres
+    .venv/bin/python -m loadtest.pooler --rounds 5 --report loadtest/results/cluster/pooler.json
 
-`--server-url` is a role that can create a database and a login role (a superuser, as
-for the tests' LEDGER_TEST_DATABASE_URL); both are dropped afterwards. PgBouncer is
+on an embedded PostgreSQL of its own, or on `--server-url`, a role that can create a
+database and a login role (a superuser, as for the tests' LEDGER_TEST_DATABASE_URL); both
+are dropped afterwards. PgBouncer is
 Debian's (apt-get install pgbouncer).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -34,6 +36,7 @@ import httpx
 from ledger import migrate
 from ledger.cluster.pgbouncer import PgBouncer, free_port
 from ledger.database import libpq_url
+from ledger.embedded import EmbeddedPostgres
 from ledger.integrity import new_chain_key
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -105,8 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-pool", type=int, default=20, help="PgBouncer's default_pool_size")
     parser.add_argument("--report", type=Path)
     arguments = parser.parse_args(argv)
-    if not arguments.server_url:
-        parser.error("--server-url (or LEDGER_TEST_DATABASE_URL) is required")
+    with contextlib.ExitStack() as stack:
+        if not arguments.server_url:
+            # Like the other load tests, on an embedded PostgreSQL of its own (autovacuum
+            # on, as in production: on a server with it off, the direct service's cached
+            # generic plans, made while the tables were empty, are never replanned and
+            # its throughput halves as the tables grow, which says nothing about PgBouncer).
+            embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="ledger-pooler-pg-")) / "pg")
+            arguments.server_url = embedded.start()
+            stack.callback(embedded.stop)
+        return _measure(arguments)
+
+
+def _measure(arguments: argparse.Namespace) -> int:
     server = libpq_url(arguments.server_url)
     name, role, password = (
         f"ledger_pooler_{secrets.token_hex(4)}",
