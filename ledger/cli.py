@@ -495,10 +495,13 @@ def cluster_command(arguments: argparse.Namespace) -> int:
         except RuntimeError as error:
             print(f"ledger: {error}", file=sys.stderr)
             return 2
-        key = Path(state["admin_key_file"]).read_text().strip()
+        key_file = Path(state["admin_key_file"])
+        # No first key is made when LEDGER_ADMIN_KEY is set: that one is the admin key.
+        key = key_file.read_text().strip() if key_file.exists() else "$LEDGER_ADMIN_KEY"
+        kept = f"kept in {key_file}" if key_file.exists() else "from LEDGER_ADMIN_KEY"
         print(
             f"cluster ready: {state['base_url']}\n"
-            f"  admin key: {key}  (kept in {state['admin_key_file']})\n"
+            f"  admin key: {key}  ({kept})\n"
             f"  primary 127.0.0.1:{state['primary']['port']}, synchronous standby 127.0.0.1:{state['standby']['port']}, "
             f"PgBouncer 127.0.0.1:{state['pgbouncer']['port']}, "
             f"instances {', '.join(str(i['port']) for i in state['instances'])}\n"

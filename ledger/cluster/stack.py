@@ -214,7 +214,6 @@ class Supervisor:
         }
         if self.standby is not None:
             environment["LEDGER_REPLICA_DATABASE_URL"] = self.standby.service_url
-        environment.pop("LEDGER_ADMIN_KEY", None)
         return environment
 
     def _current_primary(self) -> EmbeddedPostgres:
@@ -420,9 +419,16 @@ def supervise(directory: Path, instances: int, port: int, synchronous_commit: st
         supervisor.stop()
 
 
-def up(directory: Path, instances: int, port: int, synchronous_commit: str = "on") -> dict[str, Any]:
+def up(
+    directory: Path,
+    instances: int,
+    port: int,
+    synchronous_commit: str = "on",
+    environment: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Start the supervisor in its own session (it outlives this command) and wait until
-    the cluster answers or fails; return its state."""
+    the cluster answers or fails; return its state. `environment`: LEDGER_* settings for
+    every instance on top of this process's (the cluster sets the database ones)."""
     directory = Path(directory).resolve()
     existing = read_state(directory)
     if existing and existing.get("status") not in ("stopped", "failed") and pid_alive(existing["supervisor_pid"]):
@@ -438,6 +444,7 @@ def up(directory: Path, instances: int, port: int, synchronous_commit: str = "on
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env={**os.environ, **(environment or {})},
         )  # fmt: skip
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS + 30
     while time.monotonic() < deadline:
