@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.cluster import stack
 from ledger.database import create_engine
-from ledger.settings import Settings
 from ledger.embedded import EmbeddedPostgres
+from ledger.settings import Settings
 from tests import provision
 from tests.conftest import free_port
 from tests.e2e.test_client import (  # noqa: F401 (collected here, against the cluster)
