@@ -21,7 +21,8 @@ then compares the database with the clients' record:
 
     python -m loadtest.faults pg-crash --duration 30       # a long form
     python -m loadtest.faults all --duration 6              # every scenario, short
-    python -m loadtest.faults failover --duration 10        # kill the primary of `make cluster`'s deployment
+    python -m loadtest.faults failover --duration 10        # kill the primary of a cluster of its own
+    python -m loadtest.faults failover --cluster-dir .ledger-cluster   # ... or of the running `make cluster`
 
 The test suite runs the short forms (`tests/faults/`).
 """
@@ -635,9 +636,19 @@ class ClusterBench:
 
 
 @contextmanager
-def cluster_bench(instances: int = 2) -> Iterator[ClusterBench]:
+def cluster_bench(instances: int = 2, existing: Path | None = None) -> Iterator[ClusterBench]:
+    """A cluster of its own, or the running one in `existing` (e.g. `make cluster`'s
+    `.ledger-cluster`, left running after the scenario, failed over)."""
     from ledger.cluster import stack
 
+    if existing is not None:
+        state = stack.read_state(existing) or {}
+        if state.get("status") != "ready" or not state.get("standby"):
+            raise SystemExit(f"no cluster with a standby is running from {existing} (make cluster starts one)")
+        key_file = Path(state["admin_key_file"])
+        api_key = key_file.read_text().strip() if key_file.exists() else os.environ.get("LEDGER_ADMIN_KEY", "")
+        yield ClusterBench(existing.resolve(), state["base_url"], api_key)
+        return
     with tempfile.TemporaryDirectory(prefix="ledger-failover-") as directory:
         try:
             state = stack.up(Path(directory), instances, free_port())
@@ -909,6 +920,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load before and after the fault")
     parser.add_argument("--report", type=Path)
+    parser.add_argument(
+        "--cluster-dir",
+        type=Path,
+        help="failover: use the cluster running from this directory (make cluster: .ledger-cluster) instead of one "
+        "of its own; it is left running, failed over",
+    )
     arguments = parser.parse_args(argv)
     names = [*ALL_SCENARIOS, "overload"] if arguments.scenario == "all" else [arguments.scenario]
     reports = []
@@ -926,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(report)
             print(f"overload: {report['answers_while_overloaded']}, passed={report['passed']}", file=sys.stderr)
             continue
-        with cluster_bench() if name in CLUSTER_SCENARIOS else bench() as instance:
+        with cluster_bench(existing=arguments.cluster_dir) if name in CLUSTER_SCENARIOS else bench() as instance:
             report = asyncio.run(run_scenario(name, instance, clients=arguments.clients, phase=arguments.duration))
         reports.append(report)
         verdict = "passed" if report["passed"] else "FAILED: " + "; ".join(failures(report))
