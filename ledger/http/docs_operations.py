@@ -107,6 +107,12 @@ REPLAY = (
     "and body, and the header `Idempotent-Replayed: true`; the same `id` with other fields is 409"
 )
 
+REPLICA = (
+    "With a replica configured (`LEDGER_REPLICA_DATABASE_URL`), served by it once it has replayed every write "
+    "acknowledged before the request, else by the primary (the same answer either way); the response then carries "
+    "`Ledger-Read-Source: replica|primary` and `Ledger-Replica-Lag-Ms` (README, Scaling out)."
+)
+
 OPERATIONS: dict[str, OperationDoc] = {
     # -- accounts -------------------------------------------------------------------------
     "createAccount": OperationDoc(
@@ -143,7 +149,7 @@ OPERATIONS: dict[str, OperationDoc] = {
     ),
     "listAccounts": OperationDoc(
         summary="List accounts",
-        description=f"Accounts ordered by id, optionally of one `currency`. {PAGINATION}",
+        description=f"Accounts ordered by id, optionally of one `currency`. {PAGINATION}\n\n{REPLICA}",
         responses={200: {"a page": {"data": [_account()], "next_cursor": None}}},
     ),
     "getAccount": OperationDoc(
@@ -170,6 +176,7 @@ OPERATIONS: dict[str, OperationDoc] = {
             f"{PAGINATION}\n\n"
             "With `Accept: text/csv` the whole statement (every page, within `from`/`to`) streams as CSV, up to "
             "the last entry when the export started.\n\nProblems: 404 `account_not_found`."
+            f"\n\n{REPLICA}"
         ),
     ),
     "getAccountBalance": OperationDoc(
@@ -178,6 +185,7 @@ OPERATIONS: dict[str, OperationDoc] = {
             "The posted balance after the last entry at or before `as_of` (RFC 3339; default now), with that "
             "entry's `sequence` (0 before the first).\n\nProblems: 400 `validation_error` (bad `as_of`), "
             "404 `account_not_found`."
+            f"\n\nWith `as_of`: {REPLICA[0].lower()}{REPLICA[1:]} Without it the primary answers, with no such header."
         ),
     ),
     # -- transfers ------------------------------------------------------------------------
@@ -293,6 +301,7 @@ OPERATIONS: dict[str, OperationDoc] = {
         description=(
             "Transfers oldest first, rejected ones included; filter by `account_id` (debited or credited), "
             f"`status` and time (`from`, `to`, inclusive). {PAGINATION}"
+            f"\n\n{REPLICA}"
         ),
     ),
     "getTransfer": OperationDoc(
@@ -356,6 +365,7 @@ OPERATIONS: dict[str, OperationDoc] = {
         description=(
             "Read from one consistent snapshot: per currency the sum of debits, of credits, and their "
             "difference, which is always 0. `as_of` (RFC 3339) reads the ledger as it was then."
+            f"\n\n{REPLICA}"
         ),
     ),
     "verifyJournal": OperationDoc(
@@ -366,6 +376,7 @@ OPERATIONS: dict[str, OperationDoc] = {
             'problems found. The body is `{}` (whole ledger) or `{"account_id": ...}` (one account). Requests '
             "made while a run is going on share the next run. Reads only: safe to repeat.\n\n"
             "Problems: 404 `account_not_found`, 503 `overloaded` (too many verifications at once)."
+            f"\n\n{REPLICA}"
         ),
         requests={"the whole ledger": {}, "one account": {"account_id": "acc_alice"}},
         responses={
