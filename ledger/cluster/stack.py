@@ -157,7 +157,7 @@ class Supervisor:
             default_pool_size=20,
         )
         self.pgbouncer.start()
-        self._save(pgbouncer={"port": self.pgbouncer.port})
+        self._save(pgbouncer={"port": self.pgbouncer.port, "pid": self.pgbouncer._process.pid})
         # One keyring for every instance, made before any starts (each would otherwise
         # make its own and seal with a key the others do not have).
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -460,18 +460,45 @@ def up(
 
 
 def down(directory: Path, timeout: float = 60) -> bool:
-    """Stop the supervisor (which stops everything it started); False if none ran."""
+    """Stop the supervisor (which stops everything it started); False if none ran. A
+    supervisor killed with SIGKILL could not: its database servers stop by themselves
+    (their watchdogs), and what else it had started (instances, PgBouncer, HAProxy) is
+    stopped here from the pids it recorded."""
     state = read_state(Path(directory).resolve())
-    if not state or not alive(state.get("supervisor_pid", 0)):
+    if not state:
         return False
-    os.kill(state["supervisor_pid"], signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while alive(state["supervisor_pid"]) and time.monotonic() < deadline:
+    supervisor = state.get("supervisor_pid", 0)
+    running = alive(supervisor)
+    if running:
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if alive(supervisor):
+            os.kill(supervisor, signal.SIGKILL)
+    children = [member.get("pid") for member in state.get("instances") or []]
+    children += [(state.get("haproxy") or {}).get("pid"), (state.get("pgbouncer") or {}).get("pid")]
+    left = [pid for pid in children if pid and alive(pid) and _started_by_cluster(pid, Path(directory).resolve())]
+    for pid in left:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in left) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if alive(state["supervisor_pid"]):
-        # Its embedded servers' watchdogs stop them when it dies.
-        os.kill(state["supervisor_pid"], signal.SIGKILL)
-    return True
+    for pid in left:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return running or bool(left)
+
+
+def _started_by_cluster(pid: int, directory: Path) -> bool:
+    """Whether `pid` is still one of the cluster's processes (pids are reused): its
+    command line or environment names the cluster's directory."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        environment = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return str(directory).encode() in command + environment
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,3 +104,27 @@ def test_the_deployment_is_what_the_readme_draws(cluster: tuple[Path, dict], ser
     exported = httpx.get(f"{server_url}/haproxy/metrics", timeout=10).text
     assert 'haproxy_backend_active_servers{proxy="instances"} 2' in exported
     assert (directory / "prometheus.yml").exists()
+
+
+def test_cluster_down_after_the_supervisor_was_killed_leaves_nothing_running(tmp_path: Path) -> None:
+    """`kill -9` of the supervisor, then `ledger cluster down`: every process the cluster
+    started is gone (its database servers by their watchdogs, the rest by `down`)."""
+    import os
+    import signal
+    import time
+
+    from ledger.cluster.stack import alive
+
+    state = stack.up(tmp_path / "c", 1, free_port())
+    postmasters = [
+        int((Path(state[server]["data_dir"]) / "pgdata" / "postmaster.pid").read_text().split()[0])
+        for server in ("primary", "standby")
+    ]
+    others = [state["instances"][0]["pid"], state["haproxy"]["pid"], state["pgbouncer"]["pid"]]
+    assert all(alive(pid) for pid in postmasters + others)
+    os.kill(state["supervisor_pid"], signal.SIGKILL)
+    assert stack.down(tmp_path / "c")
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in postmasters + others) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in postmasters + others if alive(pid)]
