@@ -235,15 +235,7 @@ class EmbeddedPostgres:
                 self._watchdog = None
 
     def _system_user(self) -> pwd.struct_passwd:
-        try:
-            return pwd.getpwnam(SYSTEM_USER)
-        except KeyError:
-            subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],
-                check=True,
-                capture_output=True,
-            )
-            return pwd.getpwnam(SYSTEM_USER)
+        return system_user()
 
     def _prepare_permissions(self) -> None:
         if self._run_as is None:
@@ -421,6 +413,20 @@ class EmbeddedPostgres:
                 f"{said[-1].strip() if said else 'no output'}\n{' '.join(arguments)}\n{result.stderr.strip()}\n{log_tail}"
             )
         return result
+
+
+def system_user() -> pwd.struct_passwd:
+    """The unprivileged user PostgreSQL (and PgBouncer, ledger.cluster) run as when
+    started by root, which they refuse to run as; created on first use."""
+    try:
+        return pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(SYSTEM_USER)
 
 
 def _alive(pid: int) -> bool:

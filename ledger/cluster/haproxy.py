@@ -18,7 +18,6 @@ Debian's package: `apt-get install haproxy`.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -130,13 +129,3 @@ class HAProxy:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

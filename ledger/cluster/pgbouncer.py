@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -36,8 +35,9 @@ from urllib.parse import quote
 
 import asyncpg
 
+from ledger.embedded import system_user
+
 PROGRAM = Path("/usr/sbin/pgbouncer")
-SYSTEM_USER = "ledger-postgres"  # ledger.embedded's
 ADMIN_USER = "pgbouncer_admin"
 
 
@@ -106,7 +106,7 @@ class PgBouncer:
         # not track): what hides a client's session settings, e.g. in a test showing that.
         self.ignore_startup_parameters = ignore_startup_parameters
         self._process: subprocess.Popen[bytes] | None = None
-        self._run_as = _system_user() if os.geteuid() == 0 else None
+        self._run_as = system_user() if os.geteuid() == 0 else None
 
     # -- files -----------------------------------------------------------------------------
 
@@ -321,15 +321,3 @@ def _run_blocking(work: Coroutine[Any, Any, None]) -> None:
         return
     with ThreadPoolExecutor(1) as executor:
         executor.submit(asyncio.run, work).result()
-
-
-def _system_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(SYSTEM_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(SYSTEM_USER)

@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ledger.cluster.haproxy import HAProxy, haproxy_binary, pid_alive
-from ledger.embedded import DATABASE_NAME, SERVICE_LOGIN, EmbeddedPostgres
+from ledger.cluster.haproxy import HAProxy, haproxy_binary
+from ledger.embedded import DATABASE_NAME, SERVICE_LOGIN, EmbeddedPostgres, _alive
 
 logger = logging.getLogger("ledger.cluster")
 
@@ -366,14 +366,10 @@ def _postmaster_alive(server: EmbeddedPostgres) -> bool:
 
 
 def alive(pid: int) -> bool:
-    """Whether a process runs. A process that exited stays a zombie until its parent
-    reaps it (a killed postmaster's parent is init; the supervisor's is whoever ran
-    `ledger cluster up` in-process): dead all the same, and every moment counts while
-    clients wait."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return pid_alive(pid)
+    """Whether a process runs. One that exited stays a zombie until its parent reaps it
+    (a killed postmaster's parent is init; the supervisor's is whoever ran `ledger cluster
+    up` in-process): dead all the same, and every moment counts while clients wait."""
+    return _alive(pid)
 
 
 def _accepts_connections(server: EmbeddedPostgres) -> bool:
@@ -431,7 +427,7 @@ def up(
     every instance on top of this process's (the cluster sets the database ones)."""
     directory = Path(directory).resolve()
     existing = read_state(directory)
-    if existing and existing.get("status") not in ("stopped", "failed") and pid_alive(existing["supervisor_pid"]):
+    if existing and existing.get("status") not in ("stopped", "failed") and alive(existing["supervisor_pid"]):
         raise RuntimeError(f"a cluster is already running from {directory} (`ledger cluster down` stops it)")
     directory.mkdir(parents=True, exist_ok=True)
     state_path(directory).unlink(missing_ok=True)
