@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -23,17 +22,9 @@ from pathlib import Path
 
 from ledger.cluster import stack
 from loadtest.local import free_port, local_service
+from loadtest.pooler import uniform_round
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-
-
-def _round(url: str, key: str, clients: int, duration: float, report: Path) -> dict:
-    subprocess.run(
-        [sys.executable, "-m", "loadtest", "uniform", "--base-url", url, "--api-key", key,
-         "--clients", str(clients), "--duration", str(duration), "--report", str(report)],
-        check=True, cwd=REPOSITORY, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    return dict(json.loads(report.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             order = names if number % 2 == 0 else names[::-1]
             for name in order:
                 url, key = targets[name]
-                report = _round(url, key, arguments.clients, arguments.duration, work / "round.json")
+                report = uniform_round(url, key, arguments.clients, arguments.duration, work / "round.json")
                 results[name].append(float(report["transfers_per_second"]))
                 p99[name].append(float(report.get("latency_ms", {}).get("p99", 0) or 0))
                 print(f"round {number + 1} {name}: {results[name][-1]:.1f} transfers/s", flush=True)

@@ -13,14 +13,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from ledger.cluster.stack import wait_ready
 from ledger.embedded import EmbeddedPostgres
 
 
@@ -87,21 +85,8 @@ def local_service(workers: int = 1, **environment: str) -> Iterator[LocalService
             )
         base_url = f"http://127.0.0.1:{port}"
 
-        def log_tail() -> str:
-            return log_path.read_text(errors="replace")[-3000:]
-
         try:
-            for _ in range(600):
-                if server.poll() is not None:
-                    raise RuntimeError(f"the service exited with {server.returncode}:\n{log_tail()}")
-                try:
-                    if httpx.get(f"{base_url}/health/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            else:
-                raise RuntimeError(f"the service did not become ready:\n{log_tail()}")
+            wait_ready(base_url, server, log_path, 60)
             yield LocalService(base_url, server.pid, postgres_pid, url, api_key)
         finally:
             server.terminate()

@@ -24,17 +24,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
-import httpx
 
 from ledger import migrate
 from ledger.cluster.pgbouncer import PgBouncer, free_port
+from ledger.cluster.stack import wait_ready
 from ledger.database import libpq_url
 from ledger.embedded import EmbeddedPostgres
 from ledger.integrity import new_chain_key
@@ -71,18 +70,7 @@ def _serve(name: str, environment: dict[str, str], directory: Path) -> Iterator[
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"{name}: ledger serve exited: {(directory / f'{name}.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{name}: ledger serve did not become ready")
-            time.sleep(0.2)
+        wait_ready(url, process, directory / f"{name}.log", 60)
         yield url
     finally:
         process.terminate()
@@ -90,13 +78,14 @@ def _serve(name: str, environment: dict[str, str], directory: Path) -> Iterator[
         log.close()
 
 
-def _round(url: str, key: str, clients: int, duration: float, report: Path) -> float:
+def uniform_round(url: str, key: str, clients: int, duration: float, report: Path) -> dict:
+    """One closed-loop `python -m loadtest uniform` run against `url`: its JSON report."""
     subprocess.run(
         [sys.executable, "-m", "loadtest", "uniform", "--base-url", url, "--api-key", key,
          "--clients", str(clients), "--duration", str(duration), "--report", str(report)],
         check=True, cwd=REPOSITORY, stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    return float(json.loads(report.read_text())["transfers_per_second"])
+    return dict(json.loads(report.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +146,11 @@ def _measure(arguments: argparse.Namespace) -> int:
                 for number in range(arguments.rounds):
                     order = ["direct", "pgbouncer"] if number % 2 == 0 else ["pgbouncer", "direct"]
                     for target in order:
-                        rate = _round(urls[target], key, arguments.clients, arguments.duration, work / "round.json")
+                        rate = float(
+                            uniform_round(
+                                urls[target], key, arguments.clients, arguments.duration, work / "round.json"
+                            )["transfers_per_second"]
+                        )
                         results[target].append(rate)
                         print(f"round {number + 1} {target}: {rate:.1f} transfers/s", flush=True)
     finally:

@@ -233,23 +233,11 @@ class Supervisor:
             )
 
     def _wait_instances(self) -> None:
-        import httpx
-
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         for member in self.members:
-            while True:
-                assert member.process is not None
-                if member.process.poll() is not None:
-                    log = (self.directory / f"instance-{member.number}" / "service.log").read_text()[-3000:]
-                    raise RuntimeError(f"instance {member.number} exited with {member.process.returncode}:\n{log}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{member.port}/health/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"instance {member.number} did not become ready")
-                time.sleep(0.1)
+            assert member.process is not None
+            log_path = self.directory / f"instance-{member.number}" / "service.log"
+            wait_ready(f"http://127.0.0.1:{member.port}", member.process, log_path, deadline - time.monotonic())
 
     # -- watch ------------------------------------------------------------------------
 
@@ -354,6 +342,27 @@ class Supervisor:
                 except Exception as error:  # stopped already (a failover fenced it)
                     logger.info("stopping %s: %s", server.data_dir, error)
         self._save(status="stopped", stopped_at=time.time())
+
+
+def wait_ready(base_url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
+    """Wait until a `ledger serve` answers `/health/ready`; raise RuntimeError with the tail
+    of its log if it exits first or is not ready within `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+            raise RuntimeError(f"ledger serve on {base_url} exited with {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(f"{base_url}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+            raise RuntimeError(f"ledger serve on {base_url} did not become ready within {timeout:.0f} s:\n{tail}")
+        time.sleep(0.1)
 
 
 def _postmaster_alive(server: EmbeddedPostgres) -> bool:

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from ledger import migrate
+from ledger.cluster.stack import wait_ready
 from tests import provision
 from tests.conftest import REPOSITORY, free_port
 
@@ -45,20 +46,11 @@ def _start(directory: Path, environment: dict[str, str]) -> tuple[subprocess.Pop
 
 def _wait_ready(instances: list[tuple[subprocess.Popen[bytes], str, Path]], within: float = 90) -> None:
     deadline = time.monotonic() + within
-    waiting = list(instances)
-    while waiting:
-        process, base_url, log_path = waiting[0]
-        if process.poll() is not None:
-            pytest.fail(f"an instance exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+    for process, base_url, log_path in instances:
         try:
-            if httpx.get(f"{base_url}/health/ready", timeout=2).status_code == 200:
-                waiting.pop(0)
-                continue
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"an instance did not become ready:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.1)
+            wait_ready(base_url, process, log_path, deadline - time.monotonic())
+        except RuntimeError as error:
+            pytest.fail(str(error))
 
 
 @pytest.fixture
