@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -195,6 +197,28 @@ def create_audit_engine(settings: Settings, url: str | None = None) -> AsyncEngi
     trip costs nothing that matters, and they do not go through the unit of work, which
     is what re-runs transfers on a connection found dead after a database restart."""
     return create_engine(settings, url, pool_size=settings.audit_pool_size, max_overflow=0, pre_ping=True)
+
+
+def create_listen_engine(settings: Settings) -> AsyncEngine | None:
+    """The one connection the event feed LISTENs on (ledger.service.events). LISTEN is
+    session state: through a pooler in transaction mode it would be lost, so there the
+    feed needs `LEDGER_EVENTS_LISTEN_DATABASE_URL` (a direct URL), or does without (its
+    tick wakes long-polls)."""
+    url = settings.events_listen_database_url
+    if url is None and settings.database_pooler == "none":
+        url = settings.database_url
+    if not url:
+        return None
+    direct = replace(settings, database_pooler="none")
+    return create_engine(direct, url, pool_size=1, max_overflow=0, pre_ping=True)
+
+
+@contextlib.asynccontextmanager
+async def listen_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """The listen engine's connection, as asyncpg's (for add_listener)."""
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        yield raw.driver_connection
 
 
 def create_replica_engine(settings: Settings) -> AsyncEngine | None:

@@ -52,6 +52,19 @@ class InvalidCursor(InvalidRequest):
     title = "The pagination cursor is not valid"
 
 
+class CursorExpired(LedgerError):
+    """The events after this cursor were removed by retention: the consumer must start
+    again (from the oldest event kept) and reconcile, rather than silently skip some."""
+
+    code = "cursor_expired"
+    title = "The cursor points before the oldest event kept"
+
+
+class WebhookUrlNotAllowed(LedgerError):
+    code = "webhook_url_not_allowed"
+    title = "Webhooks may not be sent to this URL"
+
+
 class UnsupportedMediaType(LedgerError):
     code = "unsupported_media_type"
     title = "Request bodies must be application/json"
@@ -85,6 +98,11 @@ class TransferNotFound(NotFound):
 class KeyNotFound(NotFound):
     code = "key_not_found"
     title = "API key not found"
+
+
+class WebhookNotFound(NotFound):
+    code = "webhook_not_found"
+    title = "Webhook not found"
 
 
 class Conflict(LedgerError):

@@ -25,16 +25,18 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     Text,
     UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Constraint names are part of the contract between the database and the service: the
@@ -250,4 +252,127 @@ class ApiKey(Base):
         CheckConstraint("role IN ('admin', 'poster', 'auditor')", name="role_known"),
         CheckConstraint("octet_length(key_hash) = 32", name="key_hash_length"),
         CheckConstraint("char_length(name) <= 256", name="name_length"),
+    )
+
+
+EVENT_TYPES = (
+    "account.created",
+    "account.changed",
+    "transfer.posted",
+    "transfer.pending",
+    "transfer.rejected",
+    "transfer.voided",
+    "transfer.expired",
+)
+EVENT_TYPE_CHECK = "type IN (" + ", ".join(f"'{t}'" for t in EVENT_TYPES) + ")"
+EVENT_SUBJECT_CHECK = (
+    "(type LIKE 'account.%') = (transfer_id IS NULL) AND (transfer_id IS NULL) = (other_account_id IS NULL)"
+)
+
+
+class EventOutbox(Base):
+    """Events written with their change, not yet in the feed (ledger.service.events)."""
+
+    __tablename__ = "event_outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    type: Mapped[str] = mapped_column(Text, nullable=False)
+    transfer_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The account (account events), or the transfer's debit and credit accounts.
+    account_id: Mapped[str] = mapped_column(Text, nullable=False)
+    other_account_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+    __table_args__ = (
+        CheckConstraint(EVENT_TYPE_CHECK, name="type_known"),
+        CheckConstraint(EVENT_SUBJECT_CHECK, name="subject"),
+    )
+
+
+class Event(Base):
+    """The feed: events numbered gap-free in an order that keeps each account's journal order."""
+
+    __tablename__ = "events"
+
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    # The event's outbox id.
+    sequence: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    type: Mapped[str] = mapped_column(Text, nullable=False)
+    transfer_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    account_id: Mapped[str] = mapped_column(Text, nullable=False)
+    other_account_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+    __table_args__ = (
+        CheckConstraint(EVENT_TYPE_CHECK, name="type_known"),
+        CheckConstraint(EVENT_SUBJECT_CHECK, name="subject"),
+        CheckConstraint("position >= 1", name="position_positive"),
+        Index(None, "account_id", "position"),
+        Index(None, "other_account_id", "position"),
+    )
+
+
+class EventFeed(Base):
+    """One row: the last position given and how far retention pruned the feed."""
+
+    __tablename__ = "event_feed"
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    last_position: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    pruned_through: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    __table_args__ = (
+        CheckConstraint("id = 1", name="one_row"),
+        CheckConstraint("pruned_through <= last_position", name="pruned_before_last"),
+    )
+
+
+class Webhook(Base):
+    """A subscription: where to POST which events, and how far into the feed it has got."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    types: Mapped[list[str] | None] = mapped_column(ARRAY(Text), nullable=True)
+    secret_key: Mapped[str] = mapped_column(Text, nullable=False)
+    secret_nonce: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    cursor: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    created_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failing_since: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'failing', 'deleted')", name="status_known"),
+        CheckConstraint("(status = 'deleted') = (deleted_at IS NOT NULL)", name="deleted"),
+    )
+
+
+class WebhookDelivery(Base):
+    """One event to deliver to one subscription, and how its attempts went."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    webhook_id: Mapped[str] = mapped_column(Text, ForeignKey("webhooks.id"), nullable=False)
+    event_position: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_type: Mapped[str] = mapped_column(Text, nullable=False)
+    body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    locked_until: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "event_position"),
+        CheckConstraint("status IN ('pending', 'delivered', 'failed', 'cancelled')", name="status_known"),
+        Index(None, "next_attempt_at", postgresql_where=text("status = 'pending'")),
     )

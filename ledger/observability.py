@@ -165,6 +165,8 @@ class Metrics:
         self.transfer_outcomes: dict[str, int] = defaultdict(int)
         self.retries: dict[str, int] = defaultdict(int)
         self.unavailable_answers: dict[str, int] = defaultdict(int)
+        self.events: dict[str, int] = defaultdict(int)
+        self.webhook_deliveries: dict[str, int] = defaultdict(int)
         # Per (method, route): a count per latency bucket, the last one past the largest bound.
         self.latency: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS_SECONDS) + 1))
         self.latency_sum: dict[tuple[str, str], float] = defaultdict(float)
@@ -178,6 +180,7 @@ class Metrics:
         self.pool: Any = None
         self.unit_of_work: Any = None
         self.groups: Any = None
+        self.webhooks: Any = None
         self._published = b""
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -199,6 +202,14 @@ class Metrics:
             self.replica_wait_buckets[bisect_left(REPLICA_WAIT_BUCKETS_SECONDS, seconds)] += 1
             self.replica_wait_sum += seconds
 
+    def events_moved(self, count: int) -> None:
+        """The sequencer positioned `count` events in the feed (ledger.service.events)."""
+        self.events["positioned"] += count
+
+    def webhook_delivery(self, outcome: str) -> None:
+        """A webhook attempt ended: delivered, retried or failed (ledger.service.webhooks)."""
+        self.webhook_deliveries[outcome] += 1
+
     def transfer_outcome(self, code: str) -> None:
         self.transfer_outcomes[code] += 1
 
@@ -213,6 +224,8 @@ class Metrics:
         gauges: dict[str, Any] = {}
         if self.groups is not None:
             gauges["group_queue"] = self.groups.queued
+        if self.webhooks is not None:
+            gauges["webhooks_failing"] = self.webhooks.failing
         if self.pool is not None:
             gauges["pool"] = {
                 "in_use": self.pool.checkedout(),
@@ -230,6 +243,8 @@ class Metrics:
             "outcomes": self.transfer_outcomes,
             "retries": self.retries,
             "unavailable": self.unavailable_answers,
+            "events": self.events,
+            "webhook_deliveries": self.webhook_deliveries,
             "groups": [self.group_buckets, self.group_transfers],
             "replica": [self.replica_reads, self.replica_wait_buckets, self.replica_wait_sum],
             "gauges": gauges,
@@ -311,6 +326,8 @@ def _render(
         "outcomes": defaultdict(int),
         "retries": defaultdict(int),
         "unavailable": defaultdict(int),
+        "events": defaultdict(int),
+        "webhook_deliveries": defaultdict(int),
     }
     group_buckets = [0] * (len(GROUP_BUCKETS) + 1)
     group_transfers = 0
@@ -333,7 +350,8 @@ def _render(
                 merged[index] += count
             latency_sum[method, route] += seconds
         for name, totals in counters.items():
-            for label, count in snapshot[name].items():
+            # Absent from the snapshots of workers of an older version.
+            for label, count in snapshot.get(name, {}).items():
                 totals[label] += count
         buckets, transfers = snapshot["groups"]
         for index, count in enumerate(buckets):
@@ -370,6 +388,13 @@ def _render(
             "ledger_unavailable_total",
             "503 answers by code (lock_timeout, overloaded, unavailable).",
         ),
+        ("events", "kind", "ledger_events_total", "Events positioned in the feed by this service's sequencers."),
+        (
+            "webhook_deliveries",
+            "outcome",
+            "ledger_webhook_deliveries_total",
+            "Webhook attempts by outcome (delivered, retried, failed: past the retry horizon).",
+        ),
     ):
         lines += [f"# HELP {family} {description}", f"# TYPE {family} counter"]
         for value, count in sorted(counters[name].items()):
@@ -405,6 +430,14 @@ def _render(
             "# TYPE ledger_group_queue gauge",
         ]
         lines += [f'ledger_group_queue{{process="{pid}"}} {queued}' for pid, queued in queues]
+    failing = [(pid, values["webhooks_failing"]) for pid, values in gauges if "webhooks_failing" in values]
+    if failing:
+        lines += [
+            "# HELP ledger_webhooks_failing Webhook subscriptions marked failing (a delivery ran out of retries), "
+            "as the answering worker last counted them (every 10 s).",
+            "# TYPE ledger_webhooks_failing gauge",
+        ]
+        lines += [f'ledger_webhooks_failing{{process="{pid}"}} {count}' for pid, count in failing]
     pools = [(pid, values["pool"], values["pool_size"]) for pid, values in gauges if "pool" in values]
     if pools:
         lines += [

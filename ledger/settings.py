@@ -133,6 +133,31 @@ class Settings:
     # Seconds a client is told to wait in `Retry-After` when the service answers 503.
     retry_after_seconds: int = 1
 
+    # The event feed (ledger.service.events). The sequencer runs at once after this
+    # process's writes, and every `events_tick_seconds` for other processes' (the delay a
+    # long-poll may see when no NOTIFY reaches it, e.g. behind a transaction pooler).
+    # Events older than `events_retention_days` are removed (0: kept for ever); a cursor
+    # before them answers 410 `cursor_expired`. LISTEN needs a direct connection:
+    # `events_listen_database_url` (default: the database URL, unless behind a pooler).
+    events_tick_seconds: float = 1.0
+    events_retention_days: int = 30
+    events_listen_database_url: str | None = None
+
+    # Webhooks (ledger.service.webhooks). Targets must match `webhook_allowed_hosts`:
+    # comma-separated host names (`*.example.com` for subdomains) and IP networks (a host
+    # name not listed must resolve only to addresses in a listed network; `*` allows
+    # any). Loopback only by default, against server-side request forgery. A delivery not
+    # acknowledged is retried with exponential backoff and full jitter, from
+    # `webhook_backoff_base_seconds` up to `webhook_backoff_max_seconds` between
+    # attempts, for `webhook_retry_horizon_seconds` after the event; then it fails and the
+    # subscription is marked `failing` (until a delivery succeeds again).
+    webhook_allowed_hosts: str = "localhost,127.0.0.0/8,::1"
+    webhook_timeout_seconds: float = 10.0
+    webhook_backoff_base_seconds: float = 1.0
+    webhook_backoff_max_seconds: float = 3600.0
+    webhook_retry_horizon_seconds: float = 86400.0
+    webhook_concurrency: int = 8
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Build settings from `LEDGER_<FIELD>` variables; explicit overrides win."""
@@ -177,6 +202,12 @@ class Settings:
             "group_overlap_min": self.group_overlap_min,
             "max_page_size": self.max_page_size,
             "default_page_size": self.default_page_size,
+            "events_tick_seconds": self.events_tick_seconds,
+            "webhook_timeout_seconds": self.webhook_timeout_seconds,
+            "webhook_backoff_base_seconds": self.webhook_backoff_base_seconds,
+            "webhook_backoff_max_seconds": self.webhook_backoff_max_seconds,
+            "webhook_retry_horizon_seconds": self.webhook_retry_horizon_seconds,
+            "webhook_concurrency": self.webhook_concurrency,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -187,10 +218,12 @@ class Settings:
             or self.retry_after_seconds < 0
             or self.expiry_sweep_interval_seconds < 0
             or self.checkpoint_interval_seconds < 0
+            or self.events_retention_days < 0
         ):
             raise SettingsError(
                 "LEDGER_MAX_OVERFLOW, LEDGER_MAX_RETRIES, LEDGER_RETRY_AFTER_SECONDS, "
-                "LEDGER_EXPIRY_SWEEP_INTERVAL_SECONDS and LEDGER_CHECKPOINT_INTERVAL_SECONDS must be >= 0"
+                "LEDGER_EXPIRY_SWEEP_INTERVAL_SECONDS, LEDGER_CHECKPOINT_INTERVAL_SECONDS and "
+                "LEDGER_EVENTS_RETENTION_DAYS must be >= 0"
             )
         if self.admin_key is not None and not ADMIN_KEY_RE.fullmatch(self.admin_key):
             raise SettingsError(
@@ -206,7 +239,7 @@ class Settings:
             raise SettingsError(f"LEDGER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.replica_max_wait_ms < 0:
             raise SettingsError(f"LEDGER_REPLICA_MAX_WAIT_MS must be >= 0, got {self.replica_max_wait_ms}")
-        for name in ("database_url", "migration_database_url", "replica_database_url"):
+        for name in ("database_url", "migration_database_url", "replica_database_url", "events_listen_database_url"):
             url = getattr(self, name)
             if url is not None:
                 scheme = url.strip().partition("://")[0].lower()

@@ -14,6 +14,9 @@ body on connection failures, timeouts and 502/503/504 (honouring `Retry-After`);
 ledger applies an id at most once, so a retry can never move money twice. A write that
 gets no definitive answer within the retries raises `OutcomeUnknown`, with its id.
 See `ledger.client.errors` for the exceptions.
+
+`follow_events()` follows the ledger's events feed (resume it from the last event's id);
+`ledger.client.webhooks` checks the signature of webhook deliveries.
 """
 
 from ledger.client._core import USER_AGENT, VERSION, new_id
@@ -24,11 +27,13 @@ from ledger.client.errors import (
     AccountNotFound,
     Conflict,
     ConnectionFailed,
+    CursorExpired,
     DecisionRefused,
     FieldError,
     Forbidden,
     InsufficientFunds,
     InvalidCursor,
+    InvalidSignature,
     KeyNotFound,
     LedgerError,
     NotFound,
@@ -43,6 +48,8 @@ from ledger.client.errors import (
     Unavailable,
     UnexpectedResponse,
     ValidationFailed,
+    WebhookNotFound,
+    WebhookUrlNotAllowed,
 )
 from ledger.client.models import (
     Account,
@@ -55,14 +62,20 @@ from ledger.client.models import (
     BatchItemResult,
     BatchResult,
     CreatedApiKey,
+    CreatedWebhook,
     CurrencyTotals,
     Entry,
+    Event,
+    EventPage,
     Health,
     NewTransfer,
     Page,
     Transfer,
     TrialBalance,
+    Webhook,
+    WebhookDelivery,
 )
+from ledger.client.webhooks import verify_signature
 
 __all__ = [
     "CODE_CLASSES",
@@ -83,14 +96,19 @@ __all__ = [
     "Conflict",
     "ConnectionFailed",
     "CreatedApiKey",
+    "CreatedWebhook",
     "CurrencyTotals",
+    "CursorExpired",
     "DecisionRefused",
     "Entry",
+    "Event",
+    "EventPage",
     "FieldError",
     "Forbidden",
     "Health",
     "InsufficientFunds",
     "InvalidCursor",
+    "InvalidSignature",
     "KeyNotFound",
     "LedgerClient",
     "LedgerError",
@@ -110,5 +128,10 @@ __all__ = [
     "Unavailable",
     "UnexpectedResponse",
     "ValidationFailed",
+    "Webhook",
+    "WebhookDelivery",
+    "WebhookNotFound",
+    "WebhookUrlNotAllowed",
     "new_id",
+    "verify_signature",
 ]

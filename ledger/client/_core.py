@@ -3,10 +3,10 @@ built, and the retry decisions. The clients only send and sleep.
 
 Retries follow one rule: a request is sent again only when sending it again cannot do
 anything the first one did not. Reads, and writes keyed by an id (accounts, transfers,
-batches, posts, voids, reversals, revocations), are retried on any failure that is not a
-decided answer; their body is encoded once, so every attempt carries the same bytes and
-the same id. Creating an API key has no id: it is retried only when the connection could
-not even be made.
+batches, posts, voids, reversals, revocations, webhook deletions), are retried on any
+failure that is not a decided answer; their body is encoded once, so every attempt
+carries the same bytes and the same id. Creating an API key or a webhook has no id: it
+is retried only when the connection could not even be made.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ MAX_KEEPALIVE_CONNECTIONS = 10
 KEEPALIVE_EXPIRY_SECONDS = 5.0
 # Below this, an attempt has no real chance of an answer: the call ends instead.
 MIN_ATTEMPT_SECONDS = 0.05
+# A long poll (the events feed's `wait`) may be answered only after `wait` seconds: its
+# attempt allows that plus this, for the query and the network, whatever `timeout` says.
+LONG_POLL_MARGIN_SECONDS = 10.0
 
 # Answers that say "not decided, try again": the service's 503 (database unreachable,
 # lock timeout, overloaded) and a proxy's 502/504 (the service may or may not have acted).
@@ -154,6 +157,8 @@ class Call(Generic[T]):
     # Statuses that are answers rather than errors (200-299, and /health/ready's 503).
     answers: frozenset[int] = frozenset(range(200, 300))
     retries: bool = True
+    # A long poll: the seconds the server may hold the answer (its `wait` parameter).
+    long_poll: float | None = None
 
 
 @dataclass
@@ -182,7 +187,12 @@ class Attempts(Generic[T]):
     call_id: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.deadline = self.clock() + self.settings.total_timeout
+        budget = self.settings.total_timeout
+        if self.call.long_poll is not None:
+            # One whole long poll fits in the call, whatever `total_timeout` says: a
+            # shorter budget would end every quiet poll in a timeout.
+            budget = max(budget, self.call.long_poll + LONG_POLL_MARGIN_SECONDS)
+        self.deadline = self.clock() + budget
         self.call_id = uuid.uuid4().hex
 
     def request(self) -> dict[str, Any]:
@@ -191,14 +201,28 @@ class Attempts(Generic[T]):
         if self.call.body is not None:
             headers["Content-Type"] = "application/json"
         remaining = max(self.deadline - self.clock(), MIN_ATTEMPT_SECONDS)
+        params = self.call.params
+        timeout = min(self.settings.timeout, remaining)
+        if self.call.long_poll is not None:
+            wait = self.call.long_poll
+            fits = max(0, round(remaining - LONG_POLL_MARGIN_SECONDS))
+            if wait > fits:
+                # A retry late in the call: ask the server to hold the answer only as long
+                # as the call can still wait for it (0: answer at once), rather than for a
+                # wait the call would cut short.
+                wait = fits
+                params = {**(params or {}), "wait": str(wait)}
+            # The server answers a quiet poll after `wait` seconds: a read timeout below
+            # that would fail every poll that finds no event.
+            timeout = max(timeout, min(wait + LONG_POLL_MARGIN_SECONDS, remaining))
         return {
             "method": self.call.method,
             "url": self.call.path,
-            "params": self.call.params,
+            "params": params,
             "content": self.call.body,
             "headers": headers,
             "timeout": httpx.Timeout(
-                min(self.settings.timeout, remaining),
+                timeout,
                 connect=min(self.settings.connect_timeout, self.settings.timeout, remaining),
             ),
         }
@@ -320,6 +344,7 @@ _accounts = _decoder(models.Page[models.Account])
 _transfers = _decoder(models.Page[models.Transfer])
 _entries = _decoder(models.Page[models.Entry])
 _keys = _decoder(models.Page[models.ApiKey])
+_webhook = _decoder(models.Webhook)
 
 
 def create_account(
@@ -530,6 +555,84 @@ def revoke_key(key_id: str) -> Call[models.ApiKey]:
     # Revoking again answers the same: safe to retry.
     return Call(
         "revoke_key", "DELETE", f"/v1/keys/{_segment(key_id)}", _decoder(models.ApiKey), writes=True, ids=(key_id,)
+    )
+
+
+def _types(types: str | Sequence[str] | None) -> list[str] | None:
+    # A single type given as a string is one type, not a sequence of letters.
+    if types is None:
+        return None
+    return [types] if isinstance(types, str) else list(types)
+
+
+def list_events(
+    *,
+    after: str | None,
+    limit: int | None,
+    types: str | Sequence[str] | None,
+    account_id: str | None,
+    wait: float | None,
+) -> Call[models.EventPage]:
+    wanted = _types(types)
+    params = _params(
+        after=after,
+        limit=limit,
+        types=",".join(wanted) if wanted is not None else None,
+        account_id=account_id,
+        wait=wait,
+    )
+    return Call("list_events", "GET", "/v1/events", _decoder(models.EventPage), params=params, long_poll=wait)
+
+
+def create_webhook(url: str, *, types: str | Sequence[str] | None) -> Call[models.CreatedWebhook]:
+    # No id: a second webhook would get every event twice, so it is retried only when
+    # the request surely never reached the server (as for API keys).
+    return Call(
+        "create_webhook",
+        "POST",
+        "/v1/webhooks",
+        _decoder(models.CreatedWebhook),
+        body=_body({"url": url, "types": _types(types)}),
+        safety=Safety.ONCE,
+        writes=True,
+    )
+
+
+def list_webhooks(*, limit: int | None, cursor: str | None) -> Call[models.Page[models.Webhook]]:
+    return Call(
+        "list_webhooks",
+        "GET",
+        "/v1/webhooks",
+        _decoder(models.Page[models.Webhook]),
+        params=_params(limit=limit, cursor=cursor),
+    )
+
+
+def get_webhook(webhook_id: str) -> Call[models.Webhook]:
+    return Call("get_webhook", "GET", f"/v1/webhooks/{_segment(webhook_id)}", _webhook)
+
+
+def delete_webhook(webhook_id: str) -> Call[models.Webhook]:
+    # Deleting again answers the same (the deleted webhook): safe to retry.
+    return Call(
+        "delete_webhook",
+        "DELETE",
+        f"/v1/webhooks/{_segment(webhook_id)}",
+        _webhook,
+        writes=True,
+        ids=(webhook_id,),
+    )
+
+
+def list_webhook_deliveries(
+    webhook_id: str, *, limit: int | None, cursor: str | None
+) -> Call[models.Page[models.WebhookDelivery]]:
+    return Call(
+        "list_webhook_deliveries",
+        "GET",
+        f"/v1/webhooks/{_segment(webhook_id)}/deliveries",
+        _decoder(models.Page[models.WebhookDelivery]),
+        params=_params(limit=limit, cursor=cursor),
     )
 
 

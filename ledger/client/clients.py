@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Self, TypeVar
 
@@ -21,12 +21,17 @@ from ledger.client.models import (
     AuditReport,
     BatchResult,
     CreatedApiKey,
+    CreatedWebhook,
     Entry,
+    Event,
+    EventPage,
     Health,
     NewTransfer,
     Page,
     Transfer,
     TrialBalance,
+    Webhook,
+    WebhookDelivery,
 )
 
 T = TypeVar("T")
@@ -270,6 +275,81 @@ class LedgerClient(_Base):
     def revoke_key(self, key_id: str) -> ApiKey:
         return self._run(_core.revoke_key(key_id))
 
+    # -- events -------------------------------------------------------------------------
+
+    def list_events(
+        self,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+        types: str | Sequence[str] | None = None,
+        account_id: str | None = None,
+        wait: int | None = None,
+    ) -> EventPage:
+        """One page of the events feed, oldest first: the events after `after` (a
+        `next_cursor` or an event id; default: the oldest the feed keeps), of `types`
+        only, of `account_id` only. With `wait`, an empty feed is held up to that many
+        seconds (0 to 30) for an event to arrive. Raises `CursorExpired` for a cursor
+        older than the feed keeps, `InvalidCursor` for one it never gave."""
+        return self._run(_core.list_events(after=after, limit=limit, types=types, account_id=account_id, wait=wait))
+
+    def follow_events(
+        self,
+        *,
+        after: str | None = None,
+        types: str | Sequence[str] | None = None,
+        account_id: str | None = None,
+        wait: int = 30,
+        page_size: int | None = None,
+        stop_when_idle: bool = False,
+    ) -> Iterator[Event]:
+        """Every event after `after`, one by one, then each new one as it happens: each
+        page is a long poll of `wait` seconds, so a quiet feed costs a request per `wait`.
+        Endless, unless `stop_when_idle`: it then ends at the first empty page (at once
+        when caught up if `wait=0`, after `wait` quiet seconds otherwise). To resume after
+        a restart, pass the `id` of the last event processed as `after`. Each page is
+        retried like any read; `ConnectionFailed` or `Unavailable` ends the iteration only
+        once a page's retries are spent, and `CursorExpired` when `after` is too old."""
+        return self._follow(
+            lambda cursor: _core.list_events(
+                after=cursor, limit=page_size, types=types, account_id=account_id, wait=wait
+            ),
+            after,
+            stop_when_idle,
+        )
+
+    # -- webhooks (admin) ---------------------------------------------------------------
+
+    def create_webhook(self, url: str, *, types: str | Sequence[str] | None = None) -> CreatedWebhook:
+        """Have the events of `types` (default: all) POSTed to `url`, each signed with
+        the `secret` of the answer (see `ledger.client.webhooks.verify_signature`). Not
+        retried once the request may have reached the server (a webhook has no id).
+        Raises `WebhookUrlNotAllowed` for a URL the service will not call."""
+        return self._run(_core.create_webhook(url, types=types))
+
+    def list_webhooks(self, *, limit: int | None = None, cursor: str | None = None) -> Page[Webhook]:
+        return self._run(_core.list_webhooks(limit=limit, cursor=cursor))
+
+    def iter_webhooks(self, *, page_size: int | None = None) -> Iterator[Webhook]:
+        return self._iterate(lambda cursor: _core.list_webhooks(limit=page_size, cursor=cursor))
+
+    def get_webhook(self, webhook_id: str) -> Webhook:
+        return self._run(_core.get_webhook(webhook_id))
+
+    def delete_webhook(self, webhook_id: str) -> Webhook:
+        """Stop deliveries to the webhook (those not made yet are cancelled); answers it
+        with status "deleted", again if it already was."""
+        return self._run(_core.delete_webhook(webhook_id))
+
+    def list_webhook_deliveries(
+        self, webhook_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[WebhookDelivery]:
+        """The webhook's deliveries (one per event), with their attempts and outcome."""
+        return self._run(_core.list_webhook_deliveries(webhook_id, limit=limit, cursor=cursor))
+
+    def iter_webhook_deliveries(self, webhook_id: str, *, page_size: int | None = None) -> Iterator[WebhookDelivery]:
+        return self._iterate(lambda cursor: _core.list_webhook_deliveries(webhook_id, limit=page_size, cursor=cursor))
+
     # -- operations ---------------------------------------------------------------------
 
     def health_live(self) -> Health:
@@ -287,6 +367,18 @@ class LedgerClient(_Base):
             cursor = result.next_cursor
             if not cursor:
                 return
+
+    def _follow(
+        self, page: Callable[[str | None], Call[EventPage]], cursor: str | None, stop_when_idle: bool
+    ) -> Iterator[Event]:
+        # Unlike `_iterate`, an empty page or a repeated cursor is not the end: the feed's
+        # end moves as events happen, and `next_cursor` is always where to ask next.
+        while True:
+            result = self._run(page(cursor))
+            yield from result.data
+            if stop_when_idle and not result.data:
+                return
+            cursor = result.next_cursor
 
 
 class AsyncLedgerClient(_Base):
@@ -468,6 +560,67 @@ class AsyncLedgerClient(_Base):
     async def revoke_key(self, key_id: str) -> ApiKey:
         return await self._run(_core.revoke_key(key_id))
 
+    # -- events -------------------------------------------------------------------------
+
+    async def list_events(
+        self,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+        types: str | Sequence[str] | None = None,
+        account_id: str | None = None,
+        wait: int | None = None,
+    ) -> EventPage:
+        return await self._run(
+            _core.list_events(after=after, limit=limit, types=types, account_id=account_id, wait=wait)
+        )
+
+    def follow_events(
+        self,
+        *,
+        after: str | None = None,
+        types: str | Sequence[str] | None = None,
+        account_id: str | None = None,
+        wait: int = 30,
+        page_size: int | None = None,
+        stop_when_idle: bool = False,
+    ) -> AsyncIterator[Event]:
+        """See `LedgerClient.follow_events`."""
+        return self._follow(
+            lambda cursor: _core.list_events(
+                after=cursor, limit=page_size, types=types, account_id=account_id, wait=wait
+            ),
+            after,
+            stop_when_idle,
+        )
+
+    # -- webhooks (admin) ---------------------------------------------------------------
+
+    async def create_webhook(self, url: str, *, types: str | Sequence[str] | None = None) -> CreatedWebhook:
+        return await self._run(_core.create_webhook(url, types=types))
+
+    async def list_webhooks(self, *, limit: int | None = None, cursor: str | None = None) -> Page[Webhook]:
+        return await self._run(_core.list_webhooks(limit=limit, cursor=cursor))
+
+    def iter_webhooks(self, *, page_size: int | None = None) -> AsyncIterator[Webhook]:
+        return self._iterate(lambda cursor: _core.list_webhooks(limit=page_size, cursor=cursor))
+
+    async def get_webhook(self, webhook_id: str) -> Webhook:
+        return await self._run(_core.get_webhook(webhook_id))
+
+    async def delete_webhook(self, webhook_id: str) -> Webhook:
+        return await self._run(_core.delete_webhook(webhook_id))
+
+    async def list_webhook_deliveries(
+        self, webhook_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[WebhookDelivery]:
+        return await self._run(_core.list_webhook_deliveries(webhook_id, limit=limit, cursor=cursor))
+
+    def iter_webhook_deliveries(
+        self, webhook_id: str, *, page_size: int | None = None
+    ) -> AsyncIterator[WebhookDelivery]:
+        return self._iterate(lambda cursor: _core.list_webhook_deliveries(webhook_id, limit=page_size, cursor=cursor))
+
     # -- operations ---------------------------------------------------------------------
 
     async def health_live(self) -> Health:
@@ -485,3 +638,14 @@ class AsyncLedgerClient(_Base):
             cursor = result.next_cursor
             if not cursor:
                 return
+
+    async def _follow(
+        self, page: Callable[[str | None], Call[EventPage]], cursor: str | None, stop_when_idle: bool
+    ) -> AsyncIterator[Event]:
+        while True:
+            result = await self._run(page(cursor))
+            for event in result.data:
+                yield event
+            if stop_when_idle and not result.data:
+                return
+            cursor = result.next_cursor

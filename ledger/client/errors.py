@@ -9,15 +9,20 @@
     │   ├── NotFound                 404 not_found (an unknown route)
     │   │   ├── AccountNotFound      404 account_not_found (reading an account)
     │   │   ├── TransferNotFound     404 transfer_not_found
-    │   │   └── KeyNotFound          404 key_not_found
+    │   │   ├── KeyNotFound          404 key_not_found
+    │   │   └── WebhookNotFound      404 webhook_not_found
     │   ├── Conflict                 409
     │   │   ├── AccountExistsWithDifferentFields
     │   │   └── TransferExistsWithDifferentFields
     │   ├── Refused                  a transfer's recorded refusal (404/422 carrying
     │   │   │                        `transfer_id`): its outcome, forever
     │   │   └── InsufficientFunds    422 insufficient_funds
-    │   ├── DecisionRefused          a post or void that cannot be made (409/422); the
-    │   │                            pending transfer keeps its state
+    │   ├── DecisionRefused          a request that cannot be made as asked (409/422),
+    │   │   │                        recorded nowhere: a post or void (the pending
+    │   │   │                        transfer keeps its state)
+    │   │   └── WebhookUrlNotAllowed 422 webhook_url_not_allowed: no webhook was created
+    │   ├── CursorExpired            410 cursor_expired: the events feed no longer holds
+    │   │                            that position
     │   ├── TooLarge                 413 batch_too_large, request_too_large; 431
     │   ├── Unavailable              503 unavailable, lock_timeout, overloaded (and 502,
     │   │                            504), once the client's retries are spent (reads)
@@ -26,7 +31,9 @@
     │                                client's retries: retry later with the same id
     ├── ConnectionFailed             no answer, and the request never reached the server
     │                                (or was a read): nothing was changed
-    └── UnexpectedResponse           a success whose body the client cannot read
+    ├── UnexpectedResponse           a success whose body the client cannot read
+    └── InvalidSignature             a webhook delivery whose `Ledger-Signature` does not
+                                     prove it (`ledger.client.webhooks.verify_signature`)
 
 A transfer refused because an account does not exist raises `Refused` with code
 `account_not_found`, not `AccountNotFound`: it is the transfer's recorded outcome, and
@@ -127,6 +134,10 @@ class KeyNotFound(NotFound):
     pass
 
 
+class WebhookNotFound(NotFound):
+    pass
+
+
 class Conflict(ProblemError):
     pass
 
@@ -150,6 +161,18 @@ class InsufficientFunds(Refused):
 
 class DecisionRefused(ProblemError):
     pass
+
+
+class WebhookUrlNotAllowed(DecisionRefused):
+    """The service will not deliver to this URL (its policy on schemes, hosts or
+    addresses): a decision about the request, recorded nowhere; another URL may pass."""
+
+
+class CursorExpired(ProblemError):
+    """The events feed's cursor (or event id) is older than the feed keeps: the events
+    after it are gone. Not retried: the same cursor will never be valid again. Resume
+    from a fresh position (no `after`: the oldest event kept) and reconcile what was
+    missed from the accounts and transfers themselves."""
 
 
 class TooLarge(ProblemError):
@@ -202,6 +225,13 @@ class UnexpectedResponse(LedgerError):
         super().__init__(f"{operation}: {status} answer the client cannot read ({reason}): {body[:200]!r}")
 
 
+class InvalidSignature(LedgerError):
+    """A webhook delivery that did not prove it comes from the ledger: no or a malformed
+    `Ledger-Signature` header, no `v1` signature made with the secret over this very
+    body, or a timestamp outside the tolerance (a recorded delivery sent again). Reject
+    the request (e.g. with 400) and do not act on its body."""
+
+
 def _describe(cause: BaseException | None) -> str:
     if cause is None:
         return "no attempt was made within the time budget"
@@ -220,6 +250,7 @@ CODE_CLASSES: dict[str, type[ProblemError]] = {
     "account_not_found": AccountNotFound,
     "transfer_not_found": TransferNotFound,
     "key_not_found": KeyNotFound,
+    "webhook_not_found": WebhookNotFound,
     "account_exists_with_different_fields": AccountExistsWithDifferentFields,
     "transfer_exists_with_different_fields": TransferExistsWithDifferentFields,
     "transfer_not_pending": DecisionRefused,
@@ -229,6 +260,8 @@ CODE_CLASSES: dict[str, type[ProblemError]] = {
     "exceeds_pending_amount": DecisionRefused,
     # Without a transfer_id: posting would overflow a total (a decision, not an outcome).
     "balance_overflow": DecisionRefused,
+    "webhook_url_not_allowed": WebhookUrlNotAllowed,
+    "cursor_expired": CursorExpired,
     "batch_too_large": TooLarge,
     "request_too_large": TooLarge,
     "request_header_fields_too_large": TooLarge,

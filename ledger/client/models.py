@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -152,6 +152,80 @@ class ApiKey(msgspec.Struct, kw_only=True):
 class CreatedApiKey(ApiKey, kw_only=True):
     # The key itself, in this answer only: the service keeps its SHA-256.
     key: str
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """One change of the ledger, from the events feed (`GET /v1/events`) or a webhook
+    delivery. `id` ("evt_<n>") is also a cursor: `after=event.id` resumes right after
+    it, so storing the id of the last event processed is enough to resume."""
+
+    id: str
+    # account.created, account.changed, transfer.posted, transfer.pending,
+    # transfer.rejected, transfer.voided, transfer.expired (and types a newer server adds)
+    type: str
+    created_at: datetime
+    # The account or transfer as it was after the change, as JSON: kept undecoded so an
+    # event of a type this client does not know still arrives whole.
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def transfer(self) -> Transfer | None:
+        """`data` as a `Transfer` for a `transfer.*` event, else None. Raises
+        `msgspec.ValidationError` when `data` is not a transfer."""
+        if not self.type.startswith("transfer."):
+            return None
+        return msgspec.convert(self.data, Transfer)
+
+    @property
+    def account(self) -> Account | None:
+        """`data` as an `Account` for an `account.*` event, else None. Raises
+        `msgspec.ValidationError` when `data` is not an account."""
+        if not self.type.startswith("account."):
+            return None
+        return msgspec.convert(self.data, Account)
+
+
+class EventPage(msgspec.Struct, kw_only=True):
+    data: list[Event]
+    # Unlike other pages', never None: the position after this page, even an empty one
+    # (then possibly the cursor that was sent). Pass it as `after` to continue.
+    next_cursor: str
+
+
+class Webhook(msgspec.Struct, kw_only=True):
+    id: str
+    url: str
+    # The event types delivered; None: every type.
+    types: list[str] | None = None
+    # active; failing (deliveries to it keep failing: see `failing_since`, `last_error`);
+    # deleted (in the answers to `delete_webhook`)
+    status: str
+    created_at: datetime
+    failing_since: datetime | None = None
+    last_error: str | None = None
+
+
+class CreatedWebhook(Webhook, kw_only=True):
+    # The signing secret ("whsec_..."), in the creation answer: keep it to check each
+    # delivery with `ledger.client.webhooks.verify_signature`.
+    secret: str
+
+
+class WebhookDelivery(msgspec.Struct, kw_only=True):
+    id: str
+    event_id: str
+    event_type: str
+    # pending, delivered, failed or cancelled
+    status: str
+    attempts: int
+    created_at: datetime
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    # The receiver's HTTP status at the last attempt; None when it gave none (no
+    # connection, a timeout: see `last_error`) or was not tried yet.
+    last_status_code: int | None = None
+    last_error: str | None = None
 
 
 class Health(msgspec.Struct, kw_only=True):

@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from functools import partial
 
 from litestar import Litestar, Request
@@ -17,12 +18,19 @@ from litestar.openapi import OpenAPIConfig
 from litestar.routes import HTTPRoute
 
 from ledger import __version__
-from ledger.database import create_audit_engine, create_engine, create_replica_engine
+from ledger.database import (
+    create_audit_engine,
+    create_engine,
+    create_listen_engine,
+    create_replica_engine,
+    listen_connection,
+)
 from ledger.http.audit import AuditController, Verifications, verify_routed
 from ledger.http.auth import ROLES, authenticate
 from ledger.http.body import check_request_body
 from ledger.http.docs import DOCS_PATH, SwaggerPage, docs_router
 from ledger.http.docs_operations import API_DESCRIPTION
+from ledger.http.events import EventController, WebhookController, render_event
 from ledger.http.fast import transfer_fast_path
 from ledger.http.health import live, metrics_endpoint, ready
 from ledger.http.keys import KeyController
@@ -34,6 +42,7 @@ from ledger.migrate import head_revision
 from ledger.observability import Metrics, request_id_middleware
 from ledger.service.accounts import AccountService
 from ledger.service.checkpoints import run_checkpointer
+from ledger.service.events import EventFeed
 from ledger.service.expiry import run_sweeper
 from ledger.service.groups import GroupCommitter, GroupLocker, lock_group
 from ledger.service.keys import KeyRing
@@ -42,6 +51,7 @@ from ledger.service.queries import LedgerQueries
 from ledger.service.replica import ReadRouter, ReadTarget
 from ledger.service.transfers import TransferService
 from ledger.service.unit_of_work import UnitOfWork
+from ledger.service.webhooks import Webhooks
 from ledger.settings import Settings
 
 logger = logging.getLogger("ledger.app")
@@ -86,12 +96,27 @@ def create_app(
         replica_engine = create_replica_engine(settings)
         metrics.pool = engine.sync_engine.pool
         app.state.api_keys = KeyRing(engine, settings.admin_key, keyring, disabled=settings.insecure_disable_auth)
-        unit_of_work = UnitOfWork(engine.connect, settings, on_retry=metrics.retry)
+        # Reads, the event sequencer and webhook deliveries: on the same pool as writes,
+        # but finishing one does not wake the sequencer.
+        readers = UnitOfWork(engine.connect, settings, on_retry=metrics.retry)
+        listen_engine = create_listen_engine(settings)
+        feed = EventFeed(
+            readers,
+            tick_seconds=settings.events_tick_seconds,
+            retention=timedelta(days=settings.events_retention_days) if settings.events_retention_days else None,
+            listen=(lambda: listen_connection(listen_engine)) if listen_engine is not None else None,
+            on_move=metrics.events_moved,
+        )
+        app.state.events = feed
+        webhooks = Webhooks(readers, keyring, settings, feed, render_event, on_delivery=metrics.webhook_delivery)
+        app.state.webhooks = webhooks
+        metrics.webhooks = webhooks
+        unit_of_work = UnitOfWork(engine.connect, settings, on_retry=metrics.retry, on_finish=feed.poke)
         metrics.unit_of_work = unit_of_work
         app.state.engine = engine
         app.state.audit_engine = audit_engine
         app.state.export_slots = asyncio.Semaphore(settings.export_concurrency)
-        queries = LedgerQueries(unit_of_work)
+        queries = LedgerQueries(readers)
         replica = None
         if replica_engine is not None:
             # No retries on the replica: the primary is the retry (ledger.service.replica).
@@ -99,7 +124,7 @@ def create_app(
             replica = ReadTarget(replica_engine, LedgerQueries(replica_unit_of_work))
         app.state.reads = ReadRouter(
             ReadTarget(audit_engine, queries),
-            unit_of_work,
+            readers,
             replica,
             max_wait_ms=settings.replica_max_wait_ms,
             on_read=metrics.replica_read,
@@ -157,6 +182,8 @@ def create_app(
                     name="ledger-checkpointer",
                 )
             )
+        tasks.append(asyncio.create_task(feed.run(), name="ledger-event-sequencer"))
+        tasks.append(asyncio.create_task(webhooks.run(), name="ledger-webhooks"))
         # With `ledger serve --workers N`: this worker's figures, for whichever worker is scraped.
         tasks += metrics.start_publishing()
         _tune_garbage_collector()
@@ -170,6 +197,8 @@ def create_app(
             await groups.close()
             await engine.dispose()
             await audit_engine.dispose()
+            if listen_engine is not None:
+                await listen_engine.dispose()
             if replica_engine is not None:
                 await replica_engine.dispose()
 
@@ -180,6 +209,8 @@ def create_app(
             TransferController,
             AuditController,
             KeyController,
+            EventController,
+            WebhookController,
             live,
             ready,
             metrics_endpoint,

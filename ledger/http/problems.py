@@ -13,6 +13,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from ledger.errors import (
     BatchTooLarge,
     Conflict,
+    CursorExpired,
     DecisionRefused,
     Forbidden,
     InvalidRequest,
@@ -21,6 +22,7 @@ from ledger.errors import (
     TransferRefused,
     Unavailable,
     UnsupportedMediaType,
+    WebhookUrlNotAllowed,
 )
 from ledger.http.schemas import FieldError, Problem
 from ledger.service.unit_of_work import translate
@@ -39,6 +41,8 @@ STATUS_BY_ERROR: dict[type[LedgerError], int] = {
     NotFound: 404,
     Conflict: 409,
     Unavailable: 503,
+    CursorExpired: 410,
+    WebhookUrlNotAllowed: 422,
 }
 
 # Framework errors (routing, body size, malformed JSON) by status: code and title.
@@ -178,11 +182,13 @@ PROBLEM_DESCRIPTIONS = {
     400: "The request is not valid (body, query or path): `validation_error`, `invalid_cursor`",
     401: "No API key, or an unknown or revoked one: `unauthenticated`",
     403: "The key's role may not do this: `forbidden`",
-    404: "The account or transfer does not exist",
+    404: "The account, transfer or webhook does not exist",
     409: "Conflicts with what is stored, e.g. the id was used with other fields",
     413: "The body or the batch is too large",
+    410: "The cursor points before the oldest event kept (retention): `cursor_expired`",
     415: "The body is not `application/json`",
-    422: "Refused, and the refusal is recorded under the id: e.g. `insufficient_funds`",
+    422: "Refused, and the refusal is recorded under the id: e.g. `insufficient_funds`; for webhooks "
+    "`webhook_url_not_allowed`",
     503: "Retry later, with the same id (see `Retry-After`): `unavailable`, `lock_timeout`, `overloaded`",
 }
 READ_PROBLEMS = (400, 401, 403, 503)

@@ -311,6 +311,135 @@ class KeyPage(msgspec.Struct):
     next_cursor: str | None
 
 
+EventType = Literal[
+    "account.created",
+    "account.changed",
+    "transfer.posted",
+    "transfer.pending",
+    "transfer.rejected",
+    "transfer.voided",
+    "transfer.expired",
+]
+
+
+class _AccountEvent(msgspec.Struct, tag_field="type", kw_only=True):
+    # `evt_<position>`; also a cursor: `after=<id>` resumes right after this event.
+    id: str
+    created_at: str
+    # The account as it was right after the change.
+    data: AccountOut
+
+
+class _TransferEvent(msgspec.Struct, tag_field="type", kw_only=True):
+    # `evt_<position>`; also a cursor: `after=<id>` resumes right after this event.
+    id: str
+    created_at: str
+    # The transfer as it was right after the change.
+    data: TransferOut
+
+
+class AccountCreatedEvent(_AccountEvent, tag="account.created"):
+    pass
+
+
+class AccountChangedEvent(_AccountEvent, tag="account.changed"):
+    pass
+
+
+class TransferPostedEvent(_TransferEvent, tag="transfer.posted"):
+    pass
+
+
+class TransferPendingEvent(_TransferEvent, tag="transfer.pending"):
+    pass
+
+
+class TransferRejectedEvent(_TransferEvent, tag="transfer.rejected"):
+    pass
+
+
+class TransferVoidedEvent(_TransferEvent, tag="transfer.voided"):
+    pass
+
+
+class TransferExpiredEvent(_TransferEvent, tag="transfer.expired"):
+    pass
+
+
+# An event: {"type", "id", "created_at", "data"}, `type` telling which object `data` is.
+EventOut = (
+    AccountCreatedEvent
+    | AccountChangedEvent
+    | TransferPostedEvent
+    | TransferPendingEvent
+    | TransferRejectedEvent
+    | TransferVoidedEvent
+    | TransferExpiredEvent
+)
+EVENT_CLASSES: dict[str, type[_AccountEvent] | type[_TransferEvent]] = {
+    "account.created": AccountCreatedEvent,
+    "account.changed": AccountChangedEvent,
+    "transfer.posted": TransferPostedEvent,
+    "transfer.pending": TransferPendingEvent,
+    "transfer.rejected": TransferRejectedEvent,
+    "transfer.voided": TransferVoidedEvent,
+    "transfer.expired": TransferExpiredEvent,
+}
+
+
+class EventPage(msgspec.Struct):
+    data: list[EventOut]
+    # Never null: where to continue (a long-poll with it waits for the next event).
+    next_cursor: str
+
+
+class WebhookCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    types: Annotated[list[EventType], msgspec.Meta(min_length=1, max_length=16)] | None = None
+
+
+class WebhookOut(msgspec.Struct, kw_only=True):
+    id: str
+    url: str
+    types: list[str] | None
+    # active | failing (a delivery ran out of retries; a later success clears it) | deleted
+    status: str
+    created_at: str
+    failing_since: str | None
+    last_error: str | None
+
+
+class WebhookCreatedOut(WebhookOut, kw_only=True):
+    # Shown once: the service derives it from its chain key and does not store it.
+    secret: str
+
+
+class WebhookPage(msgspec.Struct):
+    data: list[WebhookOut]
+    next_cursor: str | None
+
+
+class DeliveryOut(msgspec.Struct, kw_only=True):
+    id: str
+    event_id: str
+    event_type: str
+    # pending (will be tried, again), delivered, failed (past the retry horizon),
+    # cancelled (the subscription was deleted)
+    status: str
+    attempts: int
+    created_at: str
+    last_attempt_at: str | None
+    next_attempt_at: str | None
+    delivered_at: str | None
+    last_status_code: int | None
+    last_error: str | None
+
+
+class DeliveryPage(msgspec.Struct):
+    data: list[DeliveryOut]
+    next_cursor: str | None
+
+
 class FieldError(msgspec.Struct):
     field: str
     message: str

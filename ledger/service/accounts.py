@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from types import SimpleNamespace
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 
 from ledger.errors import AccountExistsWithDifferentFields
@@ -14,6 +14,10 @@ from ledger.models import Account
 from ledger.service.queries import ACCOUNT_COLUMNS, STORED_ACCOUNT_COLUMNS
 from ledger.service.records import AccountOutcome, AccountRecord
 from ledger.service.unit_of_work import Executor, UnitOfWork
+
+ACCOUNT_CREATED = text(
+    "INSERT INTO event_outbox (type, account_id, created_at) VALUES ('account.created', :id, :created_at)"
+)
 
 
 def new_account_id() -> str:
@@ -64,6 +68,9 @@ class AccountService:
                 .first()
             )
             if inserted is not None:
+                # Its event, in the same transaction: the account exists exactly when its
+                # event does (ledger.service.events).
+                await session.execute(ACCOUNT_CREATED, {"id": inserted["id"], "created_at": inserted["created_at"]})
                 await session.commit()
                 return AccountOutcome(AccountRecord.from_row(inserted), created=True)
             row = (await session.execute(select(*ACCOUNT_COLUMNS).where(Account.id == fields["id"]))).mappings().one()

@@ -80,7 +80,7 @@ def expire(transfer: TransferRecord, accounts: dict[str, LockedAccount], now: da
     accounts[credit.id] = credit
     writes.account(debit)
     writes.account(credit)
-    writes.change_transfer(replace(transfer, status="expired", updated_at=now))
+    writes.change_transfer(replace(transfer, status="expired", updated_at=now), "transfer.expired")
 
 
 async def release_due(session: Executor, accounts: dict[str, LockedAccount], now: datetime, writes: Writes) -> set[str]:

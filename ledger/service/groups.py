@@ -226,7 +226,7 @@ def decide_group(
     plan = GroupPlan(stored=stored)
     before = dict(accounts)
     known = {key_: (record.request_hash, record.status != "rejected") for key_, record in stored.items()}
-    writes = Writes(changes=dict(expiries.changes))
+    writes = Writes(changes=dict(expiries.changes), events=list(expiries.events))
     for member in members:
         items = member.items
         decisions = decide_batch(items, known, accounts, now, key)

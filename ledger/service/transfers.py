@@ -104,12 +104,13 @@ class TransferService:
                     plan = decide_post(pending, posted, accounts, now, self._key)
                     writes.plan(transfer_id, plan)
                     writes.change_transfer(
-                        replace(stored, status="posted", posted_amount=posted, updated_at=plan.created_at)
+                        replace(stored, status="posted", posted_amount=posted, updated_at=plan.created_at),
+                        "transfer.posted",
                     )
                 else:
                     for account in release(pending, accounts):
                         writes.account(account)
-                    writes.change_transfer(replace(stored, status="voided", updated_at=now))
+                    writes.change_transfer(replace(stored, status="voided", updated_at=now), "transfer.voided")
                 await write(session, writes, self._key)
             record = await fetch_transfer(session, transfer_id)
             await session.commit()
@@ -162,7 +163,8 @@ class TransferService:
                     writes.new_transfer(created_record(request, plan, fingerprint, reversal_of=original_id))
                     writes.plan(reversal_id, plan)
                     writes.change_transfer(
-                        replace(stored, reversed_amount=stored.reversed_amount + resolved, updated_at=plan.created_at)
+                        replace(stored, reversed_amount=stored.reversed_amount + resolved, updated_at=plan.created_at),
+                        None,
                     )
                     await write(session, writes, self._key)
             except TransferRefused as refusal:

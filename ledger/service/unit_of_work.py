@@ -135,12 +135,17 @@ class UnitOfWork:
         connect: Callable[[], AbstractAsyncContextManager[Executor]],
         settings: Settings,
         on_retry: Callable[[str], None] | None = None,
+        on_finish: Callable[[], None] | None = None,
     ) -> None:
         # `engine.connect` in the service: Core connections carry no ORM bookkeeping, which
         # the hot path does not need (a session factory works too, e.g. in tests).
         self._connect = connect
         self._settings = settings
         self._on_retry = on_retry
+        # Called after every unit of work, whatever its outcome (a refusal may follow a
+        # committed expiry): the service's writes wake the event sequencer with it
+        # (ledger.service.events); reads use another instance, which does not.
+        self._on_finish = on_finish
         # Units of work waiting for a pooled connection right now (a gauge for /metrics).
         self.waiting = 0
 
@@ -162,6 +167,13 @@ class UnitOfWork:
         return await self._run(work, on_driver=True)
 
     async def _run(self, work: Callable[[Any], Awaitable[T]], *, on_driver: bool) -> T:
+        try:
+            return await self._attempts(work, on_driver=on_driver)
+        finally:
+            if self._on_finish is not None:
+                self._on_finish()
+
+    async def _attempts(self, work: Callable[[Any], Awaitable[T]], *, on_driver: bool) -> T:
         attempts = self._settings.max_retries + 1
         for attempt in range(1, attempts + 1):
             checked_out = False
@@ -178,8 +190,10 @@ class UnitOfWork:
                         self.waiting -= 1
                     if driver is None:
                         # Leaving this block without commit rolls back.
-                        return await _on_sqlalchemy(connection, executor, work)
-                    return await _on_driver(connection, driver, work)
+                        result = await _on_sqlalchemy(connection, executor, work)
+                    else:
+                        result = await _on_driver(connection, driver, work)
+                return result
             except Exception as error:
                 if is_retryable(error) and attempt < attempts:
                     reason = sqlstate(error) or type(error).__name__

@@ -1,5 +1,6 @@
 """Every write of money, in one statement: new transfer rows, state changes of existing
-ones, journal entries and account states, set-based, in one round trip.
+ones, journal entries, account states and the events they make (`event_outbox`, read by
+`ledger.service.events`), set-based, in one round trip.
 
 New transfer rows are inserted with ON CONFLICT DO NOTHING: when another request stored
 one of the ids first, nothing else of the statement takes effect (every other part is
@@ -71,6 +72,14 @@ WRITE = text(
              AS a(id, debits_posted, credits_posted, pending_debits, pending_credits, entries_count,
                   last_entry_hash, last_entry_at)
         WHERE accounts.id = a.id AND (SELECT ok FROM complete)
+    ), new_events AS (
+        INSERT INTO event_outbox (type, transfer_id, account_id, other_account_id, created_at)
+        SELECT v.type, v.transfer_id, v.account_id, v.other_account_id, v.created_at
+        FROM unnest(CAST(:v_types AS text[]), CAST(:v_transfer_ids AS text[]), CAST(:v_account_ids AS text[]),
+                    CAST(:v_other_account_ids AS text[]), CAST(:v_created_ats AS timestamptz[]))
+             WITH ORDINALITY AS v(type, transfer_id, account_id, other_account_id, created_at, n)
+        WHERE (SELECT ok FROM complete)
+        ORDER BY v.n
     )
     SELECT COALESCE(array_agg(id), '{}') FROM new_transfers
     """
@@ -96,13 +105,20 @@ class Writes:
     entries: list[EntryPlan] = field(default_factory=list)
     entry_transfers: list[tuple[str, datetime]] = field(default_factory=list)
     accounts: dict[str, LockedAccount] = field(default_factory=dict)
+    # The events of the write, in the order they happened: (type, transfer row after it).
+    events: list[tuple[str, TransferRecord]] = field(default_factory=list)
 
     def new_transfer(self, record: TransferRecord) -> None:
         self.transfers.append(record)
+        self.events.append((f"transfer.{record.status}", record))
 
-    def change_transfer(self, record: TransferRecord) -> None:
-        """`record` is the transfer's row as it will be after the change."""
+    def change_transfer(self, record: TransferRecord, event: str | None) -> None:
+        """`record` is the transfer's row as it will be after the change; `event` the
+        event type it makes (None for a change that is not an event of its own, such as
+        the reversed amount of a transfer, which its reversal's event tells)."""
         self.changes[record.id] = record
+        if event is not None:
+            self.events.append((event, record))
 
     def plan(self, transfer_id: str, plan: TransferPlan) -> None:
         for entry in plan.entries:
@@ -175,6 +191,11 @@ def write_parameters(writes: Writes, key: ChainKey) -> dict[str, Any]:
         "a_entries_counts": [a.entries_count for a in accounts],
         "a_last_entry_hashes": [a.last_entry_hash for a in accounts],
         "a_last_entry_ats": [a.last_entry_at for a in accounts],
+        "v_types": [event for event, _ in writes.events],
+        "v_transfer_ids": [t.id for _, t in writes.events],
+        "v_account_ids": [t.debit_account_id for _, t in writes.events],
+        "v_other_account_ids": [t.credit_account_id for _, t in writes.events],
+        "v_created_ats": [t.updated_at for _, t in writes.events],
     }
 
 
