@@ -434,7 +434,7 @@ def _render(
     if failing:
         lines += [
             "# HELP ledger_webhooks_failing Webhook subscriptions marked failing (a delivery ran out of retries), "
-            "as the answering worker last counted them (every 10 s).",
+            "as the answering worker last counted them (every 2 s).",
             "# TYPE ledger_webhooks_failing gauge",
         ]
         lines += [f'ledger_webhooks_failing{{process="{pid}"}} {count}' for pid, count in failing]

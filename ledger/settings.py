@@ -147,7 +147,7 @@ class Settings:
     # comma-separated host names (`*.example.com` for subdomains) and IP networks (a host
     # name not listed must resolve only to addresses in a listed network; `*` allows
     # any). Loopback only by default, against server-side request forgery. A delivery not
-    # acknowledged is retried with exponential backoff and full jitter, from
+    # acknowledged is retried with exponential backoff and jitter, from
     # `webhook_backoff_base_seconds` up to `webhook_backoff_max_seconds` between
     # attempts, for `webhook_retry_horizon_seconds` after the event; then it fails and the
     # subscription is marked `failing` (until a delivery succeeds again).

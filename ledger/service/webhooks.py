@@ -9,7 +9,7 @@ moves the cursor, in one transaction. A delivery is claimed the same way and lea
 mid-delivery leaves it to be claimed again when the lease ends: at least once, never
 lost. Nothing here runs on the write path: writers only insert into the outbox.
 
-A delivery not acknowledged with a 2xx is retried with exponential backoff and full
+A delivery not acknowledged with a 2xx is retried with exponential backoff and
 jitter (`webhook_backoff_base_seconds` doubling up to `webhook_backoff_max_seconds`)
 until `webhook_retry_horizon_seconds` after it was created; then it is `failed` and its
 subscription `failing` (visible in `GET /v1/webhooks` and `ledger_webhooks_failing`),
@@ -56,8 +56,10 @@ logger = logging.getLogger("ledger.webhooks")
 
 USER_AGENT = "ledger-webhooks/1"
 FAN_OUT_EVENTS = 500
-# Seconds past the request timeout before a claimed delivery may be claimed again.
-LEASE_MARGIN_SECONDS = 30.0
+# Seconds past the request timeout before a claimed delivery may be claimed again (by
+# this process or another): an attempt never outlives its timeout (it is cancelled), so a
+# delivery is claimed again only when the process that claimed it died.
+LEASE_MARGIN_SECONDS = 5.0
 MAX_ERROR = 300
 
 
@@ -366,7 +368,8 @@ class Webhooks:
             self._settings.webhook_backoff_max_seconds,
             self._settings.webhook_backoff_base_seconds * 2 ** min(attempts - 1, 40),
         )
-        # Full jitter: receivers coming back after an outage are not hit by every retry at once.
+        # Jittered (between half and all of the backoff): receivers coming back after an
+        # outage are not hit by every retry at once, and no retry comes much sooner than asked.
         return random.uniform(ceiling / 2, ceiling)
 
     async def _attempt(self, delivery: Any) -> tuple[int | None, str | None]:
@@ -390,9 +393,13 @@ class Webhooks:
             "Ledger-Delivery-Attempt": str(delivery["attempts"]),
         }
         try:
-            response = await self._client.post(delivery["url"], content=body, headers=headers)
+            # httpx's timeout bounds each phase; the whole attempt is bounded too.
+            async with asyncio.timeout(self._settings.webhook_timeout_seconds):
+                response = await self._client.post(delivery["url"], content=body, headers=headers)
+        except TimeoutError:
+            return None, f"no answer within {self._settings.webhook_timeout_seconds:g} s"
         except httpx.HTTPError as error:
-            return None, f"{type(error).__name__}: {error}"[:MAX_ERROR] or type(error).__name__
+            return None, (f"{type(error).__name__}: {error}"[:MAX_ERROR]).rstrip(": ")
         if 200 <= response.status_code < 300:
             return response.status_code, None
         return response.status_code, f"HTTP {response.status_code}"
@@ -481,7 +488,7 @@ class Webhooks:
                 try:
                     made = await self.fan_out_once()
                     sent = await self.deliver_due()
-                    if time.monotonic() - last_count > 10:
+                    if time.monotonic() - last_count > 2:
                         last_count = time.monotonic()
                         await self.count_failing()
                 except asyncio.CancelledError:
