@@ -56,6 +56,7 @@ logger = logging.getLogger("ledger.events")
 CHANNEL = "ledger_events"
 # pg_advisory_xact_lock's key for the sequencer: "ledgerev" as a big-endian int64.
 SEQUENCER_LOCK = int.from_bytes(b"ledgerev", "big", signed=True)
+LOCKED_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({SEQUENCER_LOCK})"
 MOVE_LIMIT = 5000
 # How many feed rows one filtered read examines at most; past it the page ends early,
 # with a cursor after what was examined, so that a rare filter still makes progress.
@@ -350,8 +351,10 @@ class EventFeed:
         """One move; returns how many events it positioned."""
 
         async def work(driver: asyncpg.Connection) -> tuple[int, int]:
-            await driver.execute("BEGIN")
-            await driver.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCER_LOCK)
+            # The lock in the BEGIN's message (one round trip), and the move in a statement
+            # of its own: its snapshot is taken after the lock was granted, so it sees
+            # everything the previous move saw.
+            await driver.execute(LOCKED_BEGIN)
             row = await driver.fetchrow(MOVE_SQL, MOVE_LIMIT)
             await driver.execute("COMMIT")
             return row["moved"], row["last_position"]
@@ -369,8 +372,7 @@ class EventFeed:
             return None
 
         async def work(driver: asyncpg.Connection) -> int | None:
-            await driver.execute("BEGIN")
-            await driver.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCER_LOCK)
+            await driver.execute(LOCKED_BEGIN)
             cutoff = await driver.fetchval("SELECT clock_timestamp() - $1::interval", self._retention)
             pruned = await driver.fetchval(PRUNE_SQL, cutoff, MOVE_LIMIT)
             await driver.execute(
