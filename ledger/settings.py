@@ -140,7 +140,7 @@ class Settings:
     # before them answers 410 `cursor_expired`. LISTEN needs a direct connection:
     # `events_listen_database_url` (default: the database URL, unless behind a pooler).
     events_tick_seconds: float = 1.0
-    events_retention_days: int = 30
+    events_retention_days: float = 30.0
     events_listen_database_url: str | None = None
 
     # Webhooks (ledger.service.webhooks). Targets must match `webhook_allowed_hosts`:

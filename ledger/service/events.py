@@ -398,7 +398,10 @@ class EventFeed:
                     moved = await self.sequence_once()
                     if moved >= MOVE_LIMIT:
                         self._wake.set()  # more are waiting
-                    if self._retention is not None and time.monotonic() - self._last_prune > 60:
+                    # Pruning is cheap when there is nothing to prune: every minute, or
+                    # more often for a short retention.
+                    every = min(60.0, self._retention.total_seconds() / 4) if self._retention else 0.0
+                    if self._retention is not None and time.monotonic() - self._last_prune > every:
                         self._last_prune = time.monotonic()
                         await self.prune_once()
                 except asyncio.CancelledError:

@@ -151,6 +151,12 @@ async def test_every_endpoint_against_every_credential(auth_client: AsyncTestCli
         ("GET", lambda: "/v1/keys", None, 200, ("admin",)),
         ("POST", lambda: "/v1/keys", lambda: {"role": "auditor", "name": "matrix"}, 201, ("admin",)),
         ("DELETE", lambda: "/v1/keys/key_0000000000000000", None, 404, ("admin",)),
+        ("GET", lambda: "/v1/events", None, 200, reading),
+        ("GET", lambda: "/v1/webhooks", None, 200, ("admin",)),
+        ("POST", lambda: "/v1/webhooks", lambda: {"url": "http://127.0.0.1:9/matrix"}, 201, ("admin",)),
+        ("GET", lambda: "/v1/webhooks/wh_000000000000000000000000", None, 404, ("admin",)),
+        ("GET", lambda: "/v1/webhooks/wh_000000000000000000000000/deliveries", None, 404, ("admin",)),
+        ("DELETE", lambda: "/v1/webhooks/wh_000000000000000000000000", None, 404, ("admin",)),
     ]
     failures = []
     for method, path, body, allowed_status, allowed in endpoints:

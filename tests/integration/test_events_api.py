@@ -3,11 +3,18 @@ it was right after the change; filters, cursors, long-polls and bad input."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from litestar.testing import AsyncTestClient
 
+from ledger import migrate
+from ledger.http.app import create_app
+from tests import provision
 from tests.integration.helpers import assert_problem, open_account, transfer
 
 
@@ -130,3 +137,47 @@ async def test_bad_cursors_types_and_waits_are_400_and_expired_ones_410(client: 
         response = await client.get("/v1/events", params=params)
         assert response.status_code == 400, (params, response.text)
     assert_problem(await client.get("/v1/events", params={"after": "evt_x"}), 400, "invalid_cursor")
+
+
+@pytest.fixture
+def retention_database(postgres_server_url: str, service_login: tuple[str, str]) -> Iterator[str]:
+    url = provision.create_database(postgres_server_url, prefix="ledger_retention")
+    migrate.upgrade(url)
+    yield provision.as_role(url, *service_login)
+    provision.drop_database(postgres_server_url, url)
+
+
+async def test_retention_removes_old_events_and_an_older_cursor_is_410(retention_database: str) -> None:
+    """With a retention of three seconds: old events go, a cursor before them answers 410
+    `cursor_expired` (the consumer must reconcile, not silently skip), and a consumer
+    without a cursor starts at the oldest event kept."""
+    settings = dataclasses.replace(provision.settings_for(retention_database), events_retention_days=3 / 86400)
+    async with AsyncTestClient(create_app(settings)) as client:
+        client.headers.update(provision.API_HEADERS)
+        for n in range(3):
+            await open_account(client, f"old-{n}")
+        old, _ = await drain_until(client, None, 3)
+        await asyncio.sleep(4)
+        await open_account(client, "new")
+        deadline = time.monotonic() + 10
+        while (await client.get("/v1/events", params={"after": "evt_0"})).status_code != 410:
+            assert time.monotonic() < deadline, "old events were not pruned"
+            await asyncio.sleep(0.2)
+        assert_problem(await client.get("/v1/events", params={"after": old[0]["id"]}), 410, "cursor_expired")
+        kept, _ = await drain_until(client, None, 1)
+        assert [e["data"]["id"] for e in kept] == ["new"]
+        # The last pruned event is still a valid cursor: nothing after it is gone.
+        assert (await client.get("/v1/events", params={"after": old[-1]["id"]})).json()["data"] == kept
+
+
+async def drain_until(client: AsyncTestClient, after: str | None, count: int) -> tuple[list[dict], str | None]:
+    events: list[dict] = []
+    cursor = after
+    deadline = time.monotonic() + 10
+    while len(events) < count:
+        assert time.monotonic() < deadline
+        response = await client.get("/v1/events", params={"wait": 2, **({"after": cursor} if cursor else {})})
+        assert response.status_code == 200, response.text
+        events += response.json()["data"]
+        cursor = response.json()["next_cursor"]
+    return events, cursor
