@@ -303,6 +303,40 @@ async def test_async_client_round_trips_and_iterates(server_url: str, uid: str) 
             await ledger.get_transfer(f"missing-{uid}")
 
 
+def test_following_the_feed_resumes_from_a_stored_event_id(ledger: LedgerClient, uid: str) -> None:
+    """`follow_events` against the real feed: typed objects, filters, and a consumer that
+    stops, stores the id of the last event it processed and resumes right after it."""
+    head = ledger.list_events(limit=1000)
+    while head.data:
+        head = ledger.list_events(after=head.next_cursor, limit=1000)
+    bank = ledger.create_account("EUR", id=f"bank-{uid}", allow_negative_balance=True).id
+    alice = ledger.create_account("EUR", id=f"alice-{uid}").id
+    for n in range(5):
+        ledger.create_transfer(bank, alice, 100 + n, id=f"t{n}-{uid}")
+    seen = []
+    for event in ledger.follow_events(after=head.next_cursor, account_id=alice, wait=2, page_size=2):
+        seen.append(event)
+        if len(seen) == 3:
+            break  # the consumer stops here, having processed three
+    assert [e.type for e in seen] == ["account.created", "transfer.posted", "transfer.posted"]
+    assert seen[0].account.id == alice and seen[1].transfer.amount == 100
+    stored = seen[-1].id
+    rest = list(ledger.follow_events(after=stored, account_id=alice, wait=2, stop_when_idle=True))
+    assert [e.transfer.id for e in rest] == [f"t{n}-{uid}" for n in (2, 3, 4)]
+    posted = list(ledger.follow_events(after=head.next_cursor, types=["transfer.posted"], stop_when_idle=True, wait=1))
+    assert [e.transfer.id for e in posted if e.transfer.id.endswith(uid)] == [f"t{n}-{uid}" for n in range(5)]
+
+
+async def test_the_async_client_follows_the_feed(server_url: str, uid: str) -> None:
+    async with AsyncLedgerClient(server_url, provision.ADMIN_KEY, **FAST) as ledger:
+        page = await ledger.list_events(limit=1000)
+        while page.data:
+            page = await ledger.list_events(after=page.next_cursor, limit=1000)
+        await ledger.create_account("EUR", id=f"solo-{uid}")
+        events = [e async for e in ledger.follow_events(after=page.next_cursor, wait=2, stop_when_idle=True)]
+        assert f"solo-{uid}" in [e.account.id for e in events if e.account is not None]
+
+
 def test_every_code_the_server_emits_has_an_exception_class() -> None:
     """Each code of `ledger.errors` and `ledger.http.problems` maps to a class; a recorded
     refusal (a problem carrying `transfer_id`) raises `Refused` whatever its code, and a

@@ -1,0 +1,778 @@
+"""python -m loadtest.events {outbox-cost,latency,webhooks}: what the event feed costs and how
+fast it carries a change to its readers.
+
+    .venv/bin/python -m loadtest.events outbox-cost --before /tmp/before --scenario uniform --pairs 4 \\
+        --report loadtest/results/events/outbox-uniform.json
+    .venv/bin/python -m loadtest.events latency --rounds 3 --duration 10 --report loadtest/results/events/latency.json
+    .venv/bin/python -m loadtest.events webhooks --transfers 20000 --report loadtest/results/events/webhooks.json
+
+Every write inserts its events into `event_outbox` in its own statement, a sequencer in
+each service process moves them into the gap-free feed (`GET /v1/events`), and the
+webhook loop turns the feed into signed POSTs (ledger.service.events, .webhooks). Three
+questions, one subcommand each:
+
+- `outbox-cost`: what the outbox costs the write path. `python -m loadtest SCENARIO
+  --self-serve --baseline` (the service's throughput over pgbench running the service's
+  own SQL, same run, same database) is run alternately from a checkout of the code
+  before the feed (`--before DIR`, e.g. `git worktree add /tmp/before 88c1ce3`) and from
+  this one: `python -m` puts the working directory first on sys.path and `--self-serve`
+  starts `python -m ledger serve` from it, so each run serves its own tree's code, which
+  is checked first (the old tree must answer 404 on /v1/events, this one 200). The
+  machine's speed drifts by 2x within minutes: both sides are normalised by their own
+  pgbench and alternate in short rounds (before, after, before, ...); the figure is the
+  median of the per-pair ratios after / before.
+- `latency`: from commit to consumer. A closed loop of transfers (loadtest.generator's
+  uniform scenario) while consumers, each in a process of its own, follow the feed from
+  its head with long-polls (`wait`). For every transfer answered 201: the consumer's
+  receipt of its `transfer.posted` event minus the writer's receipt of the 201 (may be
+  negative: the event can overtake the answer), and minus the event's `created_at` (the
+  database's clock when the change was decided; same machine, same clock). Rounds with and
+  without consumers alternate, so the report also has what a consumer costs the writers.
+  Every round with consumers checks that each saw every acknowledged transfer and saw
+  the feed's positions without a gap or a repeat.
+- `webhooks`: delivery throughput. A receiver on 127.0.0.1 (a minimal HTTP/1.1 server
+  in a process of its own, answering 200) checks every delivery's `Ledger-Signature` with
+  `ledger.client.webhooks.verify_signature`; one subscription to it; then `--transfers`
+  transfers posted in batches as fast as the service takes them (or at `--rate`). The
+  report has deliveries/s from the first delivery received to the last, the lag from
+  each event's `created_at` to its receipt, that every transfer's event arrived with a
+  valid signature, the duplicates, and the service's and PostgreSQL's CPU per delivery.
+
+Each run starts its own embedded PostgreSQL and service as `--self-serve` does
+(loadtest.local), and writes its JSON report to stdout and `--report FILE`. The run
+exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from loadtest.__main__ import cpu_seconds, percentile, run_fast
+from loadtest.checks import check
+from loadtest.generator import Generator, Stats, Workload, run_closed, setup_accounts
+from loadtest.local import local_service
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+PAGE = 1000  # /v1/events' largest page
+
+
+def spread(values: list[float]) -> dict[str, float | int]:
+    """p50/p90/p99/max (and min, mean) of `values` in milliseconds, from seconds."""
+    ordered = sorted(value * 1000 for value in values)
+    if not ordered:
+        return {"count": 0}
+    return {
+        "count": len(ordered),
+        "min": round(ordered[0], 2),
+        "p50": percentile(ordered, 0.50),
+        "p90": percentile(ordered, 0.90),
+        "p99": percentile(ordered, 0.99),
+        "max": round(ordered[-1], 2),
+        "mean": round(statistics.fmean(ordered), 2),
+    }
+
+
+def epoch(timestamp: str) -> float:
+    """An API timestamp (`2026-11-24T21:59:03.123456Z`) as Unix seconds."""
+    return datetime.fromisoformat(timestamp).timestamp()
+
+
+def position(event_id: str) -> int:
+    return int(event_id.removeprefix("evt_"))
+
+
+# -- outbox-cost ---------------------------------------------------------------------------
+
+# Run with `python -c` from a tree: which `ledger` and `loadtest` that tree's processes import,
+# and what its self-served service answers on the feed's route (404 before the feed).
+PROBE = """
+import json, os, urllib.error, urllib.request
+import psutil, ledger, loadtest.local
+from loadtest.local import local_service
+with local_service() as service:
+    request = urllib.request.Request(service.base_url + "/v1/events?limit=1",
+                                     headers={"Authorization": "Bearer " + service.api_key})
+    try:
+        with urllib.request.urlopen(request) as answer:
+            status = answer.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    print(json.dumps({"cwd": os.getcwd(), "ledger": ledger.__file__, "loadtest": loadtest.local.__file__,
+                      "service_cwd": psutil.Process(service.service_pid).cwd(), "events_status": status}))
+"""
+
+
+def probe(directory: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=directory, capture_output=True, text=True, timeout=180, check=True
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def git_state(directory: Path) -> dict[str, Any]:
+    def git(*arguments: str) -> str:
+        return subprocess.run(
+            ["git", *arguments], cwd=directory, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "changed_files": git("status", "--short").splitlines()}
+
+
+def loadtest_command(arguments: argparse.Namespace, report: Path) -> list[str]:
+    command = [
+        "-m", "loadtest", arguments.scenario, "--self-serve", "--baseline",
+        "--rounds", str(arguments.rounds), "--clients", str(arguments.clients),
+        "--duration", f"{arguments.duration:g}", "--report", str(report),
+    ]  # fmt: skip
+    if arguments.scenario == "hot":
+        command.append("--versus-uniform")
+    return command
+
+
+def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
+    baseline = report["baseline"]
+    keep = ("pgbench", "service", "ratio", "service_uniform", "ratio_to_uniform", "groups_mean_transfers")
+    summary: dict[str, Any] = {
+        "median_ratio": baseline["median_ratio"],
+        "rounds": [{key: entry[key] for key in keep if key in entry} for entry in baseline["rounds"]],
+        "cpu_ms_per_transfer_last_round": report["cpu_ms_per_transfer"],
+        "latency_ms_last_round": {key: report["latency_ms"][key] for key in ("p50", "p99")},
+        "checks_ok": report["checks"]["ok"],
+    }
+    if "median_ratio_to_uniform" in baseline:
+        summary["median_ratio_to_uniform"] = baseline["median_ratio_to_uniform"]
+    return summary
+
+
+def outbox_cost(arguments: argparse.Namespace) -> dict[str, Any]:
+    before_dir = arguments.before.resolve()
+    sides = {"before": before_dir, "after": REPOSITORY}
+    probes = {side: probe(directory) for side, directory in sides.items()}
+    for side, found in probes.items():
+        print(f"{side}: {json.dumps(found)}", file=sys.stderr)
+    expected = {"before": 404, "after": 200}
+    for side, found in probes.items():
+        root = str(sides[side])
+        if (
+            found["events_status"] != expected[side]
+            or not found["ledger"].startswith(root + "/")
+            or not found["loadtest"].startswith(root + "/")
+            or found["service_cwd"] != root
+        ):
+            raise SystemExit(f"the {side} tree does not serve its own code as expected: {found}")
+    pairs: list[dict[str, Any]] = []
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="ledger-outbox-cost-") as scratch:
+        for number in range(1, arguments.pairs + 1):
+            pair: dict[str, Any] = {"pair": number}
+            for side, directory in sides.items():
+                report_path = Path(scratch) / f"{side}-{number}.json"
+                command = loadtest_command(arguments, report_path)
+                print(f"pair {number}, {side}: (cd {directory} && python {' '.join(command)})", file=sys.stderr)
+                completed = subprocess.run(
+                    [sys.executable, *command], cwd=directory, stdout=subprocess.DEVNULL, check=False
+                )
+                report = json.loads(report_path.read_text())
+                pair[side] = summarise_run(report)
+                if completed.returncode != 0 or not report["checks"]["ok"]:
+                    problems.append(
+                        f"pair {number} {side}: exit {completed.returncode}, {report['checks']['problems'][:3]}"
+                    )
+            pair["after_over_before"] = round(pair["after"]["median_ratio"] / pair["before"]["median_ratio"], 3)
+            if arguments.scenario == "hot":
+                pair["after_over_before_to_uniform"] = round(
+                    pair["after"]["median_ratio_to_uniform"] / pair["before"]["median_ratio_to_uniform"], 3
+                )
+            pairs.append(pair)
+            print(f"pair {number}: {json.dumps({k: v for k, v in pair.items() if k.startswith('after_over')})}",
+                  file=sys.stderr)  # fmt: skip
+    result: dict[str, Any] = {
+        "what": f"{arguments.scenario}: service / pgbench before ({probes['before']['ledger']}) and after, "
+        "alternating, each run with its own pgbench",
+        "command_per_run": "python " + " ".join(loadtest_command(arguments, Path("FILE"))),
+        "trees": {
+            "before": {**git_state(before_dir), **probes["before"]},
+            "after": {**git_state(REPOSITORY), **probes["after"]},
+        },
+        "pairs": pairs,
+        "before_ratios": [pair["before"]["median_ratio"] for pair in pairs],
+        "after_ratios": [pair["after"]["median_ratio"] for pair in pairs],
+        "median_before_ratio": round(statistics.median(pair["before"]["median_ratio"] for pair in pairs), 3),
+        "median_after_ratio": round(statistics.median(pair["after"]["median_ratio"] for pair in pairs), 3),
+        "after_over_before": [pair["after_over_before"] for pair in pairs],
+        "median_after_over_before": round(statistics.median(pair["after_over_before"] for pair in pairs), 3),
+        "checks": {"ok": not problems, "problems": problems},
+    }
+    if arguments.scenario == "hot":
+        values = [pair["after_over_before_to_uniform"] for pair in pairs]
+        result["after_over_before_to_uniform"] = values
+        result["median_after_over_before_to_uniform"] = round(statistics.median(values), 3)
+    return result
+
+
+# -- latency ------------------------------------------------------------------------------
+
+
+class TimedGenerator(Generator):
+    """The load generator, also noting when each transfer's 201 arrived (Unix seconds)."""
+
+    def __init__(self, *arguments: Any) -> None:
+        super().__init__(*arguments)
+        self.acknowledged_at: dict[str, float] = {}
+
+    async def send(
+        self, stats: Stats, method: str, path: str, body: Any, transfers: list[dict], scheduled: float
+    ) -> None:
+        await super().send(stats, method, path, body, transfers, scheduled)
+        now = time.time()
+        for transfer in transfers:
+            if transfer["id"] in stats.transfers_acknowledged and transfer["id"] not in self.acknowledged_at:
+                self.acknowledged_at[transfer["id"]] = now
+
+
+async def read_to_end(generator: Generator, cursor: str | None) -> str:
+    """Pages the feed from `cursor` (None: its oldest event) to its end; the cursor there."""
+    while True:
+        query = f"/v1/events?limit={PAGE}" + (f"&after={cursor}" if cursor else "")
+        status, content, _ = await generator.call("GET", query)
+        if status != 200:
+            raise RuntimeError(f"GET /v1/events answered {status}: {content[:300]!r}")
+        page = msgspec.json.decode(content)
+        cursor = page["next_cursor"]
+        if not page["data"]:
+            return cursor
+
+
+async def feed_head(generator: Generator, after: str | None = None, settle: float = 1.2) -> str:
+    """The feed's head (a cursor after its last event) once it has stopped moving: read
+    to the end, wait past the sequencer's tick (1 s), read again until nothing new came."""
+    cursor = await read_to_end(generator, after)
+    while True:
+        await asyncio.sleep(settle)
+        again = await read_to_end(generator, cursor)
+        if again == cursor:
+            return cursor
+        cursor = again
+
+
+def consumer_process(
+    base_url: str, api_key: str, cursor: str, wait: float, limit: int, connection: multiprocessing.connection.Connection
+) -> None:
+    """A consumer in a process of its own: its receipt times are not delayed by the
+    writers' event loop. Says "ready" after its first page, follows the feed until told a
+    head position and past it, then sends back what it received."""
+    run_fast(_consume(base_url, api_key, cursor, wait, limit, connection))
+
+
+async def _consume(
+    base_url: str, api_key: str, cursor: str, wait: float, limit: int, connection: multiprocessing.connection.Connection
+) -> None:
+    received: dict[str, tuple[float, str]] = {}  # transfer id -> (receipt, event created_at)
+    last = position(cursor)
+    gaps = repeats = polls = events = 0
+    stop_at: int | None = None
+    ready = False
+    async with Generator(base_url, api_key, 1) as generator:
+        while stop_at is None or last < stop_at:
+            status, content, _ = await generator.call("GET", f"/v1/events?after={cursor}&limit={limit}&wait={wait:g}")
+            now = time.time()
+            polls += 1
+            if status != 200:
+                raise RuntimeError(f"GET /v1/events answered {status}: {content[:300]!r}")
+            page = msgspec.json.decode(content)
+            for event in page["data"]:
+                at = position(event["id"])
+                if at <= last:
+                    repeats += 1
+                    continue
+                if at != last + 1:
+                    gaps += 1
+                last = at
+                events += 1
+                if event["type"] == "transfer.posted":
+                    received.setdefault(event["data"]["id"], (now, event["created_at"]))
+            cursor = page["next_cursor"]
+            if not ready:
+                ready = True
+                connection.send("ready")
+            if stop_at is None and connection.poll():
+                stop_at = connection.recv()
+    connection.send({"received": received, "events": events, "polls": polls, "gaps": gaps, "repeats": repeats})
+
+
+async def latency_round(
+    arguments: argparse.Namespace,
+    service: Any,
+    generator: TimedGenerator,
+    workload: Workload,
+    consumers: int,
+    head: str,
+) -> tuple[dict[str, Any], str, dict[str, int]]:
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for _ in range(consumers):
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=consumer_process,
+            args=(service.base_url, service.api_key, head, arguments.wait, arguments.limit, theirs),
+            daemon=True,
+        )
+        process.start()
+        processes.append((process, ours))
+    loop = asyncio.get_running_loop()
+    for _process, pipe in processes:
+        if not await loop.run_in_executor(None, pipe.poll, 60):
+            raise RuntimeError("a consumer did not start")
+        pipe.recv()
+    generator.acknowledged_at.clear()
+    started = time.perf_counter()
+    stats = await run_closed(workload, generator, arguments.clients, arguments.duration)
+    elapsed = time.perf_counter() - started
+    acknowledged_at = dict(generator.acknowledged_at)
+    new_head = await feed_head(generator, head)
+    results = []
+    for process, pipe in processes:
+        pipe.send(position(new_head))
+        if not await loop.run_in_executor(None, pipe.poll, arguments.wait + 60):
+            raise RuntimeError("a consumer did not finish")
+        results.append(pipe.recv())
+        process.join(10)
+    entry: dict[str, Any] = {
+        "consumers": consumers,
+        "duration_seconds": round(elapsed, 2),
+        "transfers_acknowledged": len(stats.transfers_acknowledged),
+        "transfers_per_second": round(len(stats.transfers_acknowledged) / elapsed, 1),
+        "write_latency_ms": spread([ms / 1000 for ms in stats.latencies_ms]),
+        "statuses": {str(k): v for k, v in stats.statuses.items()},
+    }
+    problems: dict[str, int] = {}
+    if consumers:
+        after_ack: list[float] = []
+        after_created: list[float] = []
+        ack_after_created: list[float] = []
+        missing = 0
+        for number, result in enumerate(results):
+            for transfer_id, acked in acknowledged_at.items():
+                got = result["received"].get(transfer_id)
+                if got is None:
+                    missing += 1
+                    continue
+                received, created_at = got
+                created = epoch(created_at)
+                after_ack.append(received - acked)
+                after_created.append(received - created)
+                if number == 0:
+                    ack_after_created.append(acked - created)
+        negative = sum(1 for value in after_ack if value < 0)
+        entry.update(
+            {
+                "consumer_minus_201_ms": spread(after_ack),
+                "consumer_before_201": negative,
+                "consumer_minus_created_at_ms": spread(after_created),
+                "writer_201_minus_created_at_ms": spread(ack_after_created),
+                "per_consumer": [
+                    {"events": r["events"], "polls": r["polls"], "gaps": r["gaps"], "repeats": r["repeats"]}
+                    for r in results
+                ],
+                "missing": missing,
+            }
+        )
+        entry["_raw"] = (after_ack, after_created)
+        problems = {
+            "missing": missing,
+            "gaps": sum(r["gaps"] for r in results),
+            "repeats": sum(r["repeats"] for r in results),
+        }
+    return entry, new_head, problems
+
+
+async def latency_run(arguments: argparse.Namespace, service: Any) -> dict[str, Any]:
+    run_id = f"ev{secrets.token_hex(3)}"
+    async with TimedGenerator(service.base_url, service.api_key, arguments.clients + 1) as generator:
+        house, accounts = await setup_accounts(generator, run_id, arguments.accounts)
+        workload = Workload("uniform", accounts, house, arguments.seed, run_id)
+        # Unmeasured: the pool's connections and prepared statements (as `python -m loadtest`).
+        warm = await run_closed(workload, generator, arguments.clients, arguments.warmup)
+        acknowledged = dict(warm.transfers_acknowledged)
+        head = await feed_head(generator)
+        rounds: list[dict[str, Any]] = []
+        problems: list[str] = []
+        all_after_ack: list[float] = []
+        all_after_created: list[float] = []
+        for number in range(1, arguments.rounds + 1):
+            # Alternate which goes first, so that a drift within a round favours neither.
+            order = [0, arguments.consumers] if number % 2 else [arguments.consumers, 0]
+            pair: dict[str, Any] = {"round": number}
+            for consumers in order:
+                cpu_before = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
+                entry, head, found = await latency_round(arguments, service, generator, workload, consumers, head)
+                cpu_after = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
+                applied = entry["transfers_acknowledged"] or 1
+                entry["cpu_ms_per_transfer"] = {
+                    "service": round((cpu_after[0] - cpu_before[0]) * 1000 / applied, 3),
+                    "postgres": round((cpu_after[1] - cpu_before[1]) * 1000 / applied, 3),
+                }
+                acknowledged.update(generator.acknowledged_at)
+                if consumers:
+                    after_ack, after_created = entry.pop("_raw")
+                    all_after_ack += after_ack
+                    all_after_created += after_created
+                    problems += [f"round {number}: {count} {kind}" for kind, count in found.items() if count]
+                pair["with" if consumers else "without"] = entry
+                print(f"round {number}, {consumers} consumers: {entry['transfers_per_second']} transfers/s"
+                      + (f", consumer - 201 {entry['consumer_minus_201_ms']}" if consumers else ""),
+                      file=sys.stderr)  # fmt: skip
+            pair["throughput_with_over_without"] = round(
+                pair["with"]["transfers_per_second"] / pair["without"]["transfers_per_second"], 3
+            )
+            rounds.append(pair)
+        problems += await check(generator, [house, *accounts], acknowledged)
+    ratios = [pair["throughput_with_over_without"] for pair in rounds]
+    return {
+        "what": "commit-to-consumer latency of GET /v1/events long-polls under a closed loop of uniform transfers",
+        "command": "python -m loadtest.events " + " ".join(sys.argv[1:]),
+        "tree": git_state(REPOSITORY),
+        "clients": arguments.clients,
+        "consumers": arguments.consumers,
+        "wait_seconds": arguments.wait,
+        "page_limit": arguments.limit,
+        "consumer_minus_201_ms": spread(all_after_ack),
+        "consumer_before_201_fraction": round(sum(1 for v in all_after_ack if v < 0) / max(len(all_after_ack), 1), 4),
+        "consumer_minus_created_at_ms": spread(all_after_created),
+        "throughput_with_over_without": ratios,
+        "median_throughput_with_over_without": round(statistics.median(ratios), 3),
+        "rounds": rounds,
+        "checks": {"ok": not problems, "problems": problems[:20]},
+    }
+
+
+def latency(arguments: argparse.Namespace) -> dict[str, Any]:
+    with local_service(arguments.workers) as service:
+        return run_fast(latency_run(arguments, service))
+
+
+# -- webhooks -----------------------------------------------------------------------------
+
+
+def receiver_process(connection: multiprocessing.connection.Connection) -> None:
+    """The webhook receiver, in a process of its own (see `_receive`)."""
+    run_fast(_receive(connection))
+
+
+async def _receive(connection: multiprocessing.connection.Connection) -> None:
+    """Sends its port; takes the subscription's secret, then the set of transfer ids
+    whose events must arrive; answers every POST 200 on keep-alive HTTP/1.1, checking its
+    signature; once every expected event arrived (or at the deadline it is sent with
+    them), waits `linger` seconds for repeats and sends back what it received."""
+    from ledger.client.webhooks import InvalidSignature, verify_signature
+
+    loop = asyncio.get_running_loop()
+    secret_known = asyncio.Event()
+    secret = ""
+    # (receipt, Ledger-Event-Id, event type, transfer id or None, created_at, signature valid)
+    deliveries: list[tuple[float, str, str, str | None, str, bool]] = []
+    seen_transfers: set[str] = set()
+    progress = asyncio.Event()
+    decoder = msgspec.json.Decoder()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                now = time.time()
+                headers: dict[str, str] = {}
+                for line in head.decode("latin-1").split("\r\n")[1:]:
+                    if line:
+                        name, _, value = line.partition(":")
+                        headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                now = time.time()
+                await secret_known.wait()
+                try:
+                    verify_signature(secret, body, headers.get("ledger-signature", ""))
+                    valid = True
+                except InvalidSignature:
+                    valid = False
+                event = decoder.decode(body)
+                transfer_id = event["data"]["id"] if event["type"].startswith("transfer.") else None
+                deliveries.append(
+                    (now, headers.get("ledger-event-id", ""), event["type"], transfer_id, event["created_at"], valid)
+                )
+                if transfer_id is not None and valid:
+                    seen_transfers.add(transfer_id)
+                progress.set()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=256)
+    connection.send(server.sockets[0].getsockname()[1])
+    secret = await loop.run_in_executor(None, connection.recv)
+    secret_known.set()
+    expected, deadline, linger = await loop.run_in_executor(None, connection.recv)
+    while not set(expected) <= seen_transfers and time.time() < deadline:
+        progress.clear()
+        try:
+            await asyncio.wait_for(progress.wait(), 1.0)
+        except TimeoutError:
+            pass
+    await asyncio.sleep(linger)
+    server.close()
+    connection.send(deliveries)
+
+
+async def post_transfers(
+    generator: Generator, accounts: list[str], run_id: str, count: int, batch: int, clients: int, rate: float | None
+) -> tuple[dict[str, float], float, float]:
+    """Posts `count` transfers among `accounts` in batches of `batch`, `clients` requests in
+    flight (or one batch every batch/rate seconds); returns {transfer id: 201 time}, and
+    the time of the first send and of the last answer."""
+    workload = Workload("uniform", accounts, accounts[0], 7, run_id)
+    acknowledged: dict[str, float] = {}
+    batches = [[workload._transfer() for _ in range(min(batch, count - start))] for start in range(0, count, batch)]
+    queue = iter(batches)
+    first = time.time()
+    loop = asyncio.get_running_loop()
+
+    async def send(transfers: list[dict]) -> None:
+        status, content, _ = await generator.call("POST", "/v1/transfers/batch", {"transfers": transfers})
+        now = time.time()
+        if status != 200:
+            raise RuntimeError(f"batch answered {status}: {content[:300]!r}")
+        for result in msgspec.json.decode(content)["results"]:
+            if (result.get("transfer") or {}).get("status") == "posted":
+                acknowledged[result["id"]] = now
+
+    if rate:
+        started = loop.time()
+        pending = []
+        for number, transfers in enumerate(batches):
+            await asyncio.sleep(max(0.0, started + number * batch / rate - loop.time()))
+            pending.append(asyncio.create_task(send(transfers)))
+        await asyncio.gather(*pending)
+    else:
+
+        async def client() -> None:
+            for transfers in queue:
+                await send(transfers)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return acknowledged, first, time.time()
+
+
+async def delivery_counts(database_url: str, webhook_id: str) -> dict[str, Any]:
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(
+            "SELECT status, count(*) AS n, sum(attempts) AS attempts, max(attempts) AS max_attempts "
+            "FROM webhook_deliveries WHERE webhook_id = $1 GROUP BY status",
+            webhook_id,
+        )
+    finally:
+        await connection.close()
+    return {
+        row["status"]: {"deliveries": row["n"], "attempts": row["attempts"], "max_attempts": row["max_attempts"]}
+        for row in rows
+    }
+
+
+async def webhooks_run(arguments: argparse.Namespace, service: Any) -> dict[str, Any]:
+    run_id = f"wh{secrets.token_hex(3)}"
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    receiver = context.Process(target=receiver_process, args=(theirs,), daemon=True)
+    receiver.start()
+    loop = asyncio.get_running_loop()
+    port = await loop.run_in_executor(None, ours.recv)
+    async with Generator(service.base_url, service.api_key, arguments.clients + 1) as generator:
+        house, accounts = await setup_accounts(generator, run_id, arguments.accounts)
+        # Subscribe once the setup's events are in the feed: the subscription starts at the
+        # feed's head, so what it gets is the run's transfers.
+        await feed_head(generator)
+        status, content, _ = await generator.call("POST", "/v1/webhooks", {"url": f"http://127.0.0.1:{port}/hook"})
+        if status != 201:
+            raise RuntimeError(f"POST /v1/webhooks answered {status}: {content[:300]!r}")
+        subscription = msgspec.json.decode(content)
+        ours.send(subscription["secret"])
+        cpu_before = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
+        acknowledged, posting_started, posting_ended = await post_transfers(
+            generator, accounts, run_id, arguments.transfers, arguments.batch, arguments.clients, arguments.rate
+        )
+        print(f"posted {len(acknowledged)} transfers in {posting_ended - posting_started:.1f} s", file=sys.stderr)
+        ours.send((list(acknowledged), time.time() + arguments.timeout, arguments.linger))
+        while not await loop.run_in_executor(None, ours.poll, 1.0):
+            pass
+        deliveries = ours.recv()
+        receiver.join(10)
+        cpu_after = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
+        counts = await delivery_counts(service.database_url, subscription["id"])
+        problems = await check(generator, [house, *accounts], {})
+    deliveries.sort()
+    by_event: dict[str, list[tuple]] = {}
+    for delivery in deliveries:
+        by_event.setdefault(delivery[1], []).append(delivery)
+    invalid = [d for d in deliveries if not d[5]]
+    received_transfers = {d[3] for d in deliveries if d[5] and d[2] == "transfer.posted"}
+    missing = [transfer_id for transfer_id in acknowledged if transfer_id not in received_transfers]
+    duplicates = {event: len(copies) for event, copies in by_event.items() if len(copies) > 1}
+    first_copies = [copies[0] for copies in by_event.values()]
+    lag = [received - epoch(created_at) for received, _, _, _, created_at, _ in first_copies]
+    after_201 = [
+        copies[0][0] - acknowledged[copies[0][3]] for copies in by_event.values() if copies[0][3] in acknowledged
+    ]
+    span = deliveries[-1][0] - deliveries[0][0] if len(deliveries) > 1 else 0.0
+    # Deliveries/s over a window: how steady the rate was.
+    timeline: list[int] = []
+    if deliveries:
+        for received, *_ in deliveries:
+            second = int(received - deliveries[0][0])
+            timeline += [0] * (second + 1 - len(timeline))
+            timeline[second] += 1
+    if missing:
+        problems.append(f"{len(missing)} transfers' events not received (e.g. {missing[:3]})")
+    if invalid:
+        problems.append(f"{len(invalid)} deliveries with an invalid signature")
+    delivered = len(deliveries)
+    return {
+        "what": "webhook deliveries to one local receiver: throughput, lag, completeness, signatures",
+        "command": "python -m loadtest.events " + " ".join(sys.argv[1:]),
+        "tree": git_state(REPOSITORY),
+        "webhook_concurrency": os.environ.get("LEDGER_WEBHOOK_CONCURRENCY", "8 (default)")
+        if arguments.concurrency is None
+        else arguments.concurrency,
+        "transfers_posted": len(acknowledged),
+        "posting_seconds": round(posting_ended - posting_started, 2),
+        "posting_transfers_per_second": round(len(acknowledged) / (posting_ended - posting_started), 1),
+        "deliveries_received": delivered,
+        "distinct_events": len(by_event),
+        "first_to_last_seconds": round(span, 2),
+        "deliveries_per_second": round((delivered - 1) / span, 1) if span else None,
+        "first_delivery_after_posting_started_seconds": round(deliveries[0][0] - posting_started, 3)
+        if deliveries
+        else None,
+        "last_delivery_after_posting_ended_seconds": round(deliveries[-1][0] - posting_ended, 3)
+        if deliveries
+        else None,
+        "lag_created_at_to_received_ms": spread(lag),
+        "lag_201_to_received_ms": spread(after_201),
+        "deliveries_per_second_timeline": timeline,
+        "missing": len(missing),
+        "invalid_signatures": len(invalid),
+        "duplicates": {"events": len(duplicates), "extra_copies": sum(n - 1 for n in duplicates.values())},
+        "events_by_type": dict(
+            sorted({t: sum(1 for c in first_copies if c[2] == t) for t in {c[2] for c in first_copies}}.items())
+        ),
+        "service_deliveries": counts,
+        "cpu_ms_per_delivery": {
+            "service": round((cpu_after[0] - cpu_before[0]) * 1000 / max(delivered, 1), 3),
+            "postgres": round((cpu_after[1] - cpu_before[1]) * 1000 / max(delivered, 1), 3),
+            "note": "from the first transfer posted to the last delivery: includes the transfers' own cost",
+        },
+        "checks": {"ok": not problems, "problems": problems[:20]},
+    }
+
+
+def webhooks(arguments: argparse.Namespace) -> dict[str, Any]:
+    environment = {}
+    if arguments.concurrency is not None:
+        environment["LEDGER_WEBHOOK_CONCURRENCY"] = str(arguments.concurrency)
+    with local_service(1, **environment) as service:
+        return run_fast(webhooks_run(arguments, service))
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.events", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cost = commands.add_parser(
+        "outbox-cost",
+        help="service / pgbench from a tree before the feed and from this one, alternating",
+        description="Runs `python -m loadtest SCENARIO --self-serve --baseline --rounds R` from --before and from "
+        "this repository in turn, --pairs times, after checking each serves its own code; reports each run's "
+        "ratio to its own pgbench and the median of the per-pair ratios after / before.",
+    )
+    cost.add_argument("--before", type=Path, required=True, help="a checkout of the code before the feed")
+    cost.add_argument("--scenario", choices=("uniform", "hot"), default="uniform")
+    cost.add_argument("--pairs", type=int, default=4, help="before/after pairs (before first in each)")
+    cost.add_argument("--rounds", type=int, default=2, help="--rounds of each `python -m loadtest --baseline` run")
+    cost.add_argument("--clients", type=int, default=16)
+    cost.add_argument("--duration", type=float, default=8.0, help="seconds measured per round")
+
+    lat = commands.add_parser(
+        "latency",
+        help="commit-to-consumer latency of the feed under load",
+        description="Closed-loop uniform transfers; rounds without and with consumers (long-polling the feed "
+        "from its head, each in a process of its own) alternate; reports the consumers' receipt of each "
+        "acknowledged transfer's event minus its 201 and minus its created_at, and throughput with/without.",
+    )
+    lat.add_argument("--clients", type=int, default=16)
+    lat.add_argument("--duration", type=float, default=10.0, help="seconds per round and side")
+    lat.add_argument("--rounds", type=int, default=3, help="pairs of rounds (without, with consumers)")
+    lat.add_argument("--consumers", type=int, default=1)
+    lat.add_argument("--wait", type=float, default=5.0, help="the consumers' long-poll `wait` (seconds)")
+    lat.add_argument("--limit", type=int, default=PAGE, help="the consumers' page size")
+    lat.add_argument("--warmup", type=float, default=2.0)
+    lat.add_argument("--accounts", type=int, default=1000)
+    lat.add_argument("--seed", type=int, default=1)
+    lat.add_argument("--workers", type=int, default=1, help="service worker processes")
+
+    hooks = commands.add_parser(
+        "webhooks",
+        help="webhook delivery throughput and lag to a local receiver",
+        description="One subscription to a receiver on 127.0.0.1 that checks every signature; --transfers "
+        "transfers posted in batches; reports deliveries/s from the first to the last delivery, the lag from "
+        "created_at, missing events, invalid signatures and duplicates.",
+    )
+    hooks.add_argument("--transfers", type=int, default=20_000)
+    hooks.add_argument("--batch", type=int, default=100, help="transfers per POST /v1/transfers/batch")
+    hooks.add_argument("--clients", type=int, default=4, help="batch requests in flight")
+    hooks.add_argument("--rate", type=float, help="post at this many transfers/s instead of as fast as possible")
+    hooks.add_argument("--accounts", type=int, default=200)
+    hooks.add_argument("--concurrency", type=int, help="LEDGER_WEBHOOK_CONCURRENCY of the service (default 8)")
+    hooks.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every event to arrive")
+    hooks.add_argument("--linger", type=float, default=3.0, help="seconds to wait for repeats after the last one")
+
+    for sub in (cost, lat, hooks):
+        sub.add_argument("--report", type=Path, help="also write the JSON report here")
+    arguments = parser.parse_args(argv)
+    if arguments.command == "outbox-cost":
+        report = outbox_cost(arguments)
+    elif arguments.command == "latency":
+        report = latency(arguments)
+    else:
+        report = webhooks(arguments)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if arguments.report:
+        arguments.report.parent.mkdir(parents=True, exist_ok=True)
+        arguments.report.write_text(text)
+    if not report["checks"]["ok"]:
+        print("CHECKS FAILED: " + "; ".join(report["checks"]["problems"][:5]), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
