@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -324,7 +325,7 @@ async def latency_round(
     workload: Workload,
     consumers: int,
     head: str,
-) -> tuple[dict[str, Any], str, dict[str, int]]:
+) -> tuple[dict[str, Any], str, dict[str, int], dict[str, int]]:
     context = multiprocessing.get_context("spawn")
     processes = []
     for _ in range(consumers):
@@ -400,7 +401,7 @@ async def latency_round(
             "gaps": sum(r["gaps"] for r in results),
             "repeats": sum(r["repeats"] for r in results),
         }
-    return entry, new_head, problems
+    return entry, new_head, problems, dict(stats.transfers_acknowledged)
 
 
 async def latency_run(arguments: argparse.Namespace, service: Any) -> dict[str, Any]:
@@ -422,14 +423,16 @@ async def latency_run(arguments: argparse.Namespace, service: Any) -> dict[str, 
             pair: dict[str, Any] = {"round": number}
             for consumers in order:
                 cpu_before = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
-                entry, head, found = await latency_round(arguments, service, generator, workload, consumers, head)
+                entry, head, found, amounts = await latency_round(
+                    arguments, service, generator, workload, consumers, head
+                )
                 cpu_after = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
                 applied = entry["transfers_acknowledged"] or 1
                 entry["cpu_ms_per_transfer"] = {
                     "service": round((cpu_after[0] - cpu_before[0]) * 1000 / applied, 3),
                     "postgres": round((cpu_after[1] - cpu_before[1]) * 1000 / applied, 3),
                 }
-                acknowledged.update(generator.acknowledged_at)
+                acknowledged.update(amounts)
                 if consumers:
                     after_ack, after_created = entry.pop("_raw")
                     all_after_ack += after_ack
@@ -488,8 +491,10 @@ async def _receive(connection: multiprocessing.connection.Connection) -> None:
     secret = ""
     # (receipt, Ledger-Event-Id, event type, transfer id or None, created_at, signature valid)
     deliveries: list[tuple[float, str, str, str | None, str, bool]] = []
-    seen_transfers: set[str] = set()
-    progress = asyncio.Event()
+    # The transfers whose events have not arrived yet (known once the posting is done).
+    remaining: set[str] | None = None
+    early: set[str] = set()
+    complete = asyncio.Event()
     decoder = msgspec.json.Decoder()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -516,8 +521,12 @@ async def _receive(connection: multiprocessing.connection.Connection) -> None:
                     (now, headers.get("ledger-event-id", ""), event["type"], transfer_id, event["created_at"], valid)
                 )
                 if transfer_id is not None and valid:
-                    seen_transfers.add(transfer_id)
-                progress.set()
+                    if remaining is None:
+                        early.add(transfer_id)
+                    else:
+                        remaining.discard(transfer_id)
+                        if not remaining:
+                            complete.set()
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -529,12 +538,11 @@ async def _receive(connection: multiprocessing.connection.Connection) -> None:
     secret = await loop.run_in_executor(None, connection.recv)
     secret_known.set()
     expected, deadline, linger = await loop.run_in_executor(None, connection.recv)
-    while not set(expected) <= seen_transfers and time.time() < deadline:
-        progress.clear()
-        try:
-            await asyncio.wait_for(progress.wait(), 1.0)
-        except TimeoutError:
-            pass
+    remaining = set(expected) - early
+    if not remaining:
+        complete.set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(complete.wait(), max(0.0, deadline - time.time()))
     await asyncio.sleep(linger)
     server.close()
     connection.send(deliveries)
@@ -656,9 +664,7 @@ async def webhooks_run(arguments: argparse.Namespace, service: Any) -> dict[str,
         "what": "webhook deliveries to one local receiver: throughput, lag, completeness, signatures",
         "command": "python -m loadtest.events " + " ".join(sys.argv[1:]),
         "tree": git_state(REPOSITORY),
-        "webhook_concurrency": os.environ.get("LEDGER_WEBHOOK_CONCURRENCY", "8 (default)")
-        if arguments.concurrency is None
-        else arguments.concurrency,
+        "webhook_concurrency": arguments.concurrency or os.environ.get("LEDGER_WEBHOOK_CONCURRENCY", "8 (default)"),
         "transfers_posted": len(acknowledged),
         "posting_seconds": round(posting_ended - posting_started, 2),
         "posting_transfers_per_second": round(len(acknowledged) / (posting_ended - posting_started), 1),
