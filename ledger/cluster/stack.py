@@ -214,6 +214,12 @@ class Supervisor:
         }
         if self.standby is not None:
             environment["LEDGER_REPLICA_DATABASE_URL"] = self.standby.service_url
+        # LISTEN (which wakes event long-polls at once) needs a session of its own, not
+        # PgBouncer's: straight to whichever server is the primary, after a failover too.
+        hosts = ",".join(f"127.0.0.1:{server.port}" for server in (writer, self.standby) if server is not None)
+        environment["LEDGER_EVENTS_LISTEN_DATABASE_URL"] = (
+            f"postgresql://{service}@{hosts}/{DATABASE_NAME}?target_session_attrs=read-write"
+        )
         return environment
 
     def _current_primary(self) -> EmbeddedPostgres:

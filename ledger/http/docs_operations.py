@@ -38,6 +38,7 @@ Health, metrics and these docs need no key.
 
 **Errors** are RFC 9457 problem details (`application/problem+json`) whose `code` is a stable reason.
 **Money** is an integer count of minor units. **Retries** with the same `id` are always safe.
+**Events**: `GET /v1/events` is a gap-free feed of every change; webhooks deliver it signed.
 """
 
 CREATED_AT = "2026-11-24T21:59:03.123456Z"
@@ -433,6 +434,84 @@ OPERATIONS: dict[str, OperationDoc] = {
             "The key stops working within 5 seconds in every process. **Idempotent**: revoking it again "
             "answers the same. `LEDGER_ADMIN_KEY` is not a stored key: change the setting instead.\n\n"
             "Problems: 404 `key_not_found`."
+        ),
+    ),
+    # -- events and webhooks ----------------------------------------------------------------
+    "listEvents": OperationDoc(
+        summary="Follow the event feed",
+        description=(
+            "Every committed change of money or accounts, once, in feed order: each account's events in the "
+            "order of its journal, nothing from rolled-back work, and no event skipped by a transaction that "
+            "committed late (the feed is numbered by a sequencer after commit, not by a sequence drawn before "
+            "it). Start without `after` (the oldest event kept) and follow `next_cursor`, which is never "
+            "null; an event's `id` is a cursor too. `wait` (0 to 30 s) long-polls: the answer comes as soon "
+            "as an event is there. `types` (comma-separated) and `account_id` filter.\n\n"
+            "Problems: 400 `invalid_cursor`, 410 `cursor_expired` (events after the cursor were removed by "
+            "retention: reconcile, then start again without a cursor)."
+        ),
+        responses={
+            200: {
+                "a page": {
+                    "data": [
+                        {
+                            "type": "transfer.posted",
+                            "id": "evt_1042",
+                            "created_at": CREATED_AT,
+                            "data": _transfer(),
+                        }
+                    ],
+                    "next_cursor": "evt_1042",
+                }
+            }
+        },
+    ),
+    "createWebhook": OperationDoc(
+        summary="Subscribe a URL to events",
+        description=(
+            "Every event after now (of `types`, or all) is POSTed to `url` as JSON, at least once, with "
+            "`Ledger-Event-Id` (the same on every retry) and `Ledger-Signature: t=<unix seconds>,v1=<hex "
+            'HMAC-SHA256(secret, "<t>.<raw body>")>`. Any 2xx acknowledges; anything else is retried with '
+            "exponential backoff for `LEDGER_WEBHOOK_RETRY_HORIZON_SECONDS` (a day), then the subscription is "
+            "marked `failing`. The `secret` is in this answer only. Not idempotent: each call subscribes "
+            "again.\n\nProblems: 422 `webhook_url_not_allowed` (the host is not allowed by "
+            "`LEDGER_WEBHOOK_ALLOWED_HOSTS`, loopback only by default; credentials in the URL; not http(s))."
+        ),
+        requests={"orders": {"url": "http://127.0.0.1:9000/ledger-events", "types": ["transfer.posted"]}},
+        responses={
+            201: {
+                "created": {
+                    "id": "wh_3f1c0b7d2e4a650011223344",
+                    "url": "http://127.0.0.1:9000/ledger-events",
+                    "types": ["transfer.posted"],
+                    "status": "active",
+                    "created_at": CREATED_AT,
+                    "failing_since": None,
+                    "last_error": None,
+                    "secret": "whsec_Xq3vT0s9bH2mWk8yPz5rLc1nJf7dGa4eUo6iRt0wYh2",
+                }
+            }
+        },
+    ),
+    "listWebhooks": OperationDoc(
+        summary="List webhook subscriptions",
+        description=f"Subscriptions not deleted, with their status (`active` or `failing`). {PAGINATION}",
+    ),
+    "getWebhook": OperationDoc(
+        summary="Get a webhook subscription",
+        description="Its status: `failing` (with `failing_since` and `last_error`) once a delivery ran out of retries, "
+        "until one succeeds again.\n\nProblems: 404 `webhook_not_found`.",
+    ),
+    "deleteWebhook": OperationDoc(
+        summary="Delete a webhook subscription",
+        description="No more deliveries; those not made yet are cancelled. **Idempotent**.\n\n"
+        "Problems: 404 `webhook_not_found`.",
+    ),
+    "listWebhookDeliveries": OperationDoc(
+        summary="A subscription's delivery history",
+        description=(
+            "One delivery per event, newest first: `pending` (to be tried, again), `delivered`, `failed` "
+            "(past the retry horizon) or `cancelled`, with attempts, the last answer and the next attempt. "
+            f"{PAGINATION}\n\nProblems: 404 `webhook_not_found`."
         ),
     ),
     # -- operations -----------------------------------------------------------------------
