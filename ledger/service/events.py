@@ -70,8 +70,9 @@ WITH moved AS (
 ), counted AS (
     SELECT count(*) AS n FROM moved
 ), feed AS (
+    -- Only when something moved: an empty move writes nothing (no WAL, no flush at commit).
     UPDATE event_feed SET last_position = last_position + (SELECT n FROM counted)
-    WHERE id = 1
+    WHERE id = 1 AND (SELECT n FROM counted) > 0
     RETURNING last_position - (SELECT n FROM counted) AS base, last_position
 ), inserted AS (
     INSERT INTO events (position, sequence, type, transfer_id, account_id, other_account_id, created_at)
@@ -79,10 +80,10 @@ WITH moved AS (
            moved.account_id, moved.other_account_id, moved.created_at
     FROM moved, feed
 )
-SELECT (SELECT n FROM counted) AS moved, feed.last_position,
-       CASE WHEN (SELECT n FROM counted) > 0
-            THEN pg_notify('{CHANNEL}', feed.last_position::text) END AS notified
-FROM feed
+SELECT (SELECT n FROM counted) AS moved,
+       COALESCE((SELECT last_position FROM feed), (SELECT last_position FROM event_feed WHERE id = 1))
+           AS last_position,
+       (SELECT pg_notify('{CHANNEL}', last_position::text) FROM feed) AS notified
 """
 PRUNE_SQL = """
 WITH head AS (
