@@ -506,7 +506,9 @@ class Webhooks:
                     logger.warning("webhook delivery failed, retrying: %s", error)
                     made = sent = 0
                     await asyncio.sleep(tick)
-                if not made and not sent:
+                if not self.subscribed:
+                    await asyncio.sleep(tick)
+                elif not made and not sent:
                     # Until the feed moves, or the next retry may be due.
                     await self._feed.wait_beyond(seen, tick)
                     # Under a busy feed, gather a few moves per pass.
