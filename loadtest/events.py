@@ -164,7 +164,8 @@ def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
 
 def outbox_cost(arguments: argparse.Namespace) -> dict[str, Any]:
     before_dir = arguments.before.resolve()
-    sides = {"before": before_dir, "after": REPOSITORY}
+    after_dir = (arguments.after or REPOSITORY).resolve()
+    sides = {"before": before_dir, "after": after_dir}
     probes = {side: probe(directory) for side, directory in sides.items()}
     for side, found in probes.items():
         print(f"{side}: {json.dumps(found)}", file=sys.stderr)
@@ -210,7 +211,7 @@ def outbox_cost(arguments: argparse.Namespace) -> dict[str, Any]:
         "command_per_run": "python " + " ".join(loadtest_command(arguments, Path("FILE"))),
         "trees": {
             "before": {**git_state(before_dir), **probes["before"]},
-            "after": {**git_state(REPOSITORY), **probes["after"]},
+            "after": {**git_state(after_dir), **probes["after"]},
         },
         "pairs": pairs,
         "before_ratios": [pair["before"]["median_ratio"] for pair in pairs],
@@ -422,6 +423,7 @@ async def latency_run(arguments: argparse.Namespace, service: Any) -> dict[str, 
             order = [0, arguments.consumers] if number % 2 else [arguments.consumers, 0]
             pair: dict[str, Any] = {"round": number}
             for consumers in order:
+                tables_before = await table_stats(service.database_url)
                 cpu_before = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
                 entry, head, found, amounts = await latency_round(
                     arguments, service, generator, workload, consumers, head
@@ -432,6 +434,7 @@ async def latency_run(arguments: argparse.Namespace, service: Any) -> dict[str, 
                     "service": round((cpu_after[0] - cpu_before[0]) * 1000 / applied, 3),
                     "postgres": round((cpu_after[1] - cpu_before[1]) * 1000 / applied, 3),
                 }
+                entry["tables"] = stats_delta(tables_before, await table_stats(service.database_url))
                 acknowledged.update(amounts)
                 if consumers:
                     after_ack, after_created = entry.pop("_raw")
@@ -501,7 +504,6 @@ async def _receive(connection: multiprocessing.connection.Connection) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                now = time.time()
                 headers: dict[str, str] = {}
                 for line in head.decode("latin-1").split("\r\n")[1:]:
                     if line:
@@ -550,12 +552,13 @@ async def _receive(connection: multiprocessing.connection.Connection) -> None:
 
 async def post_transfers(
     generator: Generator, accounts: list[str], run_id: str, count: int, batch: int, clients: int, rate: float | None
-) -> tuple[dict[str, float], float, float]:
+) -> tuple[dict[str, float], dict[str, int], float, float]:
     """Posts `count` transfers among `accounts` in batches of `batch`, `clients` requests in
-    flight (or one batch every batch/rate seconds); returns {transfer id: 201 time}, and
-    the time of the first send and of the last answer."""
+    flight (or one batch every batch/rate seconds); returns {transfer id: time of its
+    answer}, {transfer id: amount}, and the time of the first send and of the last answer."""
     workload = Workload("uniform", accounts, accounts[0], 7, run_id)
     acknowledged: dict[str, float] = {}
+    amounts: dict[str, int] = {}
     batches = [[workload._transfer() for _ in range(min(batch, count - start))] for start in range(0, count, batch)]
     queue = iter(batches)
     first = time.time()
@@ -567,8 +570,10 @@ async def post_transfers(
         if status != 200:
             raise RuntimeError(f"batch answered {status}: {content[:300]!r}")
         for result in msgspec.json.decode(content)["results"]:
-            if (result.get("transfer") or {}).get("status") == "posted":
+            transfer = result.get("transfer") or {}
+            if transfer.get("status") == "posted":
                 acknowledged[result["id"]] = now
+                amounts[result["id"]] = transfer["amount"]
 
     if rate:
         started = loop.time()
@@ -584,7 +589,39 @@ async def post_transfers(
                 await send(transfers)
 
         await asyncio.gather(*(client() for _ in range(clients)))
-    return acknowledged, first, time.time()
+    return acknowledged, amounts, first, time.time()
+
+
+FEED_TABLES = ("event_outbox", "events", "event_feed", "webhooks", "webhook_deliveries")
+
+
+async def table_stats(database_url: str) -> dict[str, dict[str, int]]:
+    """Scans and rows of the feed's tables (pg_stat_user_tables; counted by PostgreSQL
+    when a transaction ends, flushed about once a second): sequential reads of a table
+    that only grows would mean a statement not using its index."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(
+            "SELECT relname, seq_scan, seq_tup_read, COALESCE(idx_scan, 0) AS idx_scan, n_tup_ins, n_tup_del, "
+            "n_live_tup, n_dead_tup, autoanalyze_count, autovacuum_count FROM pg_stat_user_tables "
+            "WHERE relname = ANY($1::text[])",
+            list(FEED_TABLES),
+        )
+    finally:
+        await connection.close()
+    return {row["relname"]: {key: row[key] for key in row.keys() if key != "relname"} for row in rows}
+
+
+def stats_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Counters as differences, n_live_tup/n_dead_tup as they were at the end."""
+    return {
+        table: {
+            key: value if key.startswith("n_live") or key.startswith("n_dead") else value - before[table][key]
+            for key, value in after[table].items()
+        }
+        for table in after
+        if table in before
+    }
 
 
 async def delivery_counts(database_url: str, webhook_id: str) -> dict[str, Any]:
@@ -621,10 +658,12 @@ async def webhooks_run(arguments: argparse.Namespace, service: Any) -> dict[str,
             raise RuntimeError(f"POST /v1/webhooks answered {status}: {content[:300]!r}")
         subscription = msgspec.json.decode(content)
         ours.send(subscription["secret"])
+        tables_before = await table_stats(service.database_url)
         cpu_before = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
-        acknowledged, posting_started, posting_ended = await post_transfers(
+        acknowledged, amounts, posting_started, posting_ended = await post_transfers(
             generator, accounts, run_id, arguments.transfers, arguments.batch, arguments.clients, arguments.rate
         )
+        cpu_posted = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
         print(f"posted {len(acknowledged)} transfers in {posting_ended - posting_started:.1f} s", file=sys.stderr)
         ours.send((list(acknowledged), time.time() + arguments.timeout, arguments.linger))
         while not await loop.run_in_executor(None, ours.poll, 1.0):
@@ -633,7 +672,9 @@ async def webhooks_run(arguments: argparse.Namespace, service: Any) -> dict[str,
         receiver.join(10)
         cpu_after = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
         counts = await delivery_counts(service.database_url, subscription["id"])
-        problems = await check(generator, [house, *accounts], {})
+        await asyncio.sleep(1.5)  # PostgreSQL's statistics are flushed about once a second
+        tables = stats_delta(tables_before, await table_stats(service.database_url))
+        problems = await check(generator, [house, *accounts], amounts)
     deliveries.sort()
     by_event: dict[str, list[tuple]] = {}
     for delivery in deliveries:
@@ -660,6 +701,9 @@ async def webhooks_run(arguments: argparse.Namespace, service: Any) -> dict[str,
     if invalid:
         problems.append(f"{len(invalid)} deliveries with an invalid signature")
     delivered = len(deliveries)
+    # The service's and PostgreSQL's CPU once the posting was done, over the deliveries
+    # received after it: what a delivery costs without the transfers' own work.
+    late = sum(1 for d in deliveries if d[0] > posting_ended)
     return {
         "what": "webhook deliveries to one local receiver: throughput, lag, completeness, signatures",
         "command": "python -m loadtest.events " + " ".join(sys.argv[1:]),
@@ -688,10 +732,21 @@ async def webhooks_run(arguments: argparse.Namespace, service: Any) -> dict[str,
             sorted({t: sum(1 for c in first_copies if c[2] == t) for t in {c[2] for c in first_copies}}.items())
         ),
         "service_deliveries": counts,
-        "cpu_ms_per_delivery": {
-            "service": round((cpu_after[0] - cpu_before[0]) * 1000 / max(delivered, 1), 3),
-            "postgres": round((cpu_after[1] - cpu_before[1]) * 1000 / max(delivered, 1), 3),
-            "note": "from the first transfer posted to the last delivery: includes the transfers' own cost",
+        "tables": tables,
+        "cpu_seconds": {
+            "while_posting": {
+                "service": round(cpu_posted[0] - cpu_before[0], 2),
+                "postgres": round(cpu_posted[1] - cpu_before[1], 2),
+            },
+            "after_posting": {
+                "service": round(cpu_after[0] - cpu_posted[0], 2),
+                "postgres": round(cpu_after[1] - cpu_posted[1], 2),
+            },
+        },
+        "deliveries_after_posting": late,
+        "cpu_ms_per_delivery_after_posting": {
+            "service": round((cpu_after[0] - cpu_posted[0]) * 1000 / late, 3) if late else None,
+            "postgres": round((cpu_after[1] - cpu_posted[1]) * 1000 / late, 3) if late else None,
         },
         "checks": {"ok": not problems, "problems": problems[:20]},
     }
@@ -720,6 +775,12 @@ def main(argv: list[str] | None = None) -> int:
         "ratio to its own pgbench and the median of the per-pair ratios after / before.",
     )
     cost.add_argument("--before", type=Path, required=True, help="a checkout of the code before the feed")
+    cost.add_argument(
+        "--after",
+        type=Path,
+        help="a checkout of the code with the feed (default: this repository's working tree; a worktree of a "
+        "commit keeps the measurement from following edits made while it runs)",
+    )
     cost.add_argument("--scenario", choices=("uniform", "hot"), default="uniform")
     cost.add_argument("--pairs", type=int, default=4, help="before/after pairs (before first in each)")
     cost.add_argument("--rounds", type=int, default=2, help="--rounds of each `python -m loadtest --baseline` run")

@@ -225,6 +225,9 @@ class Webhooks:
         # makes one): with none, the loop leaves the database alone.
         self.subscribed = 0
         self._client: httpx.AsyncClient | None = None
+        # Attempts in flight (at most webhook_concurrency), and a signal when one ends.
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
 
     # -- admin ---------------------------------------------------------------------
 
@@ -461,17 +464,32 @@ class Webhooks:
         return await self._unit_of_work.run_on_driver(work)
 
     async def deliver_due(self) -> int:
-        """Claim due deliveries, POST them concurrently, record each outcome."""
-        claimed = await self._claim(self._settings.webhook_concurrency)
-
-        async def one(delivery: Any) -> None:
-            status, error = await self._attempt(delivery)
-            outcome = await self._record(delivery, status, error)
-            if self._on_delivery is not None:
-                self._on_delivery(outcome)
-
-        await asyncio.gather(*(one(delivery) for delivery in claimed))
+        """Claim as many due deliveries as there are free attempt slots and start them;
+        returns how many started. Attempts run on their own: a receiver that times out
+        holds one slot for its timeout, not the whole loop."""
+        free = self._settings.webhook_concurrency - len(self._attempts)
+        if free <= 0:
+            return 0
+        claimed = await self._claim(free)
+        for delivery in claimed:
+            task = asyncio.create_task(self._deliver(delivery))
+            self._attempts.add(task)
+            task.add_done_callback(self._attempt_done)
         return len(claimed)
+
+    def _attempt_done(self, task: asyncio.Task[None]) -> None:
+        self._attempts.discard(task)
+        self._slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            # Recording the outcome failed (the database is away): the lease ends and
+            # the delivery is claimed again, so nothing is lost.
+            logger.warning("recording a webhook attempt failed: %s", task.exception())
+
+    async def _deliver(self, delivery: Any) -> None:
+        status, error = await self._attempt(delivery)
+        outcome = await self._record(delivery, status, error)
+        if self._on_delivery is not None:
+            self._on_delivery(outcome)
 
     async def count(self) -> None:
         row = await self._unit_of_work.run_on_driver(
@@ -509,10 +527,20 @@ class Webhooks:
                 if not self.subscribed:
                     await asyncio.sleep(tick)
                 elif not made and not sent:
-                    # Until the feed moves, or the next retry may be due.
-                    await self._feed.wait_beyond(seen, tick)
+                    # Until the feed moves, an attempt ends, or the next retry may be due.
+                    self._slot_freed.clear()
+                    waits = [
+                        asyncio.create_task(self._feed.wait_beyond(seen, tick)),
+                        asyncio.create_task(self._slot_freed.wait()),
+                    ]
+                    await asyncio.wait(waits, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+                    for wait in waits:
+                        wait.cancel()
                     # Under a busy feed, gather a few moves per pass.
                     await asyncio.sleep(0.01)
         finally:
+            for task in list(self._attempts):
+                task.cancel()  # leased: another pass, here or elsewhere, sends them again
+            await asyncio.gather(*self._attempts, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._client.aclose()
