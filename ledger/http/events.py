@@ -116,8 +116,10 @@ class EventController(Controller):
         transaction that committed late. Follow `next_cursor` (never null). With `wait`,
         an empty page is answered only after waiting that long for an event (long-poll).
         A cursor older than the retention answers 410 `cursor_expired`."""
-        position = parse_cursor(after)
+        # An empty parameter (`?after=`, as a consumer's first URL often has) is no parameter.
+        position = parse_cursor(after or None)
         wanted = validate_types([t.strip() for t in types.split(",")]) if types else None
+        account_id = account_id or None
         if account_id is not None and not IDENTIFIER_RE.fullmatch(account_id):
             raise InvalidRequest(
                 "account_id is not an account id", [{"field": "account_id", "message": "1 to 64 of [A-Za-z0-9._:-]"}]

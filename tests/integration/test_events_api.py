@@ -137,6 +137,9 @@ async def test_bad_cursors_types_and_waits_are_400_and_expired_ones_410(client: 
         response = await client.get("/v1/events", params=params)
         assert response.status_code == 400, (params, response.text)
     assert_problem(await client.get("/v1/events", params={"after": "evt_x"}), 400, "invalid_cursor")
+    # Empty parameters are no parameters: a consumer's first request may well send them.
+    first = await client.get("/v1/events", params={"after": "", "account_id": "", "types": "", "limit": 1})
+    assert first.status_code == 200 and first.json() == (await client.get("/v1/events", params={"limit": 1})).json()
 
 
 @pytest.fixture
