@@ -56,7 +56,11 @@ logger = logging.getLogger("ledger.events")
 CHANNEL = "ledger_events"
 # pg_advisory_xact_lock's key for the sequencer: "ledgerev" as a big-endian int64.
 SEQUENCER_LOCK = int.from_bytes(b"ledgerev", "big", signed=True)
-LOCKED_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({SEQUENCER_LOCK})"
+# Sequential scans off for the move's plan, as for the group commit's (GROUP_BEGIN in
+# ledger.service.groups): the outbox is tiny when the statement is first planned, and a
+# generic plan made then reads the whole heap, dead rows of every earlier move included,
+# at every move (seen as one sequential scan per move in pg_stat_user_tables).
+LOCKED_BEGIN = f"BEGIN; SET LOCAL enable_seqscan = off; SELECT pg_advisory_xact_lock({SEQUENCER_LOCK})"
 MOVE_LIMIT = 5000
 # At most one move per this many seconds: an idle service moves at once after a write,
 # a busy one gathers the events of many group commits into each move (one transaction,

@@ -14,6 +14,7 @@ import asyncio
 import asyncpg
 
 from ledger import migrate
+from ledger.service.events import LOCKED_BEGIN, MOVE_SQL
 from ledger.service.groups import GROUP_BEGIN, GROUP_LOCK_SQL
 from tests import provision
 
@@ -66,5 +67,40 @@ async def test_without_it_the_plan_scans_the_grown_table(postgres_server_url: st
         await asyncio.to_thread(migrate.upgrade, url)
         plan = await plan_after_growth(url, "BEGIN")
         assert "Seq Scan on transfers" in plan, plan
+    finally:
+        await asyncio.to_thread(provision.drop_database, postgres_server_url, url)
+
+
+async def move_plan(owner_url: str, begin: str) -> str:
+    """The sequencer's move (`ledger.service.events.MOVE_SQL`) prepared in a transaction
+    begun as `begin` on an empty outbox, then run when the outbox holds 5,000 rows."""
+    connection = await asyncpg.connect(owner_url, server_settings={"plan_cache_mode": "force_generic_plan"})
+    try:
+        await connection.execute(begin)
+        await connection.execute(f"PREPARE move(int) AS {MOVE_SQL}")
+        await connection.execute("EXECUTE move(5000)")  # planned now
+        await connection.execute("COMMIT")
+        await connection.execute(
+            "INSERT INTO event_outbox (type, account_id, created_at) "
+            "SELECT 'account.created', 'a' || g, now() FROM generate_series(1, 5000) g"
+        )
+        await connection.execute(begin)
+        rows = await connection.fetch("EXPLAIN (COSTS OFF) EXECUTE move(100)")
+        await connection.execute("ROLLBACK")
+        return "\n".join(row[0] for row in rows)
+    finally:
+        await connection.close()
+
+
+async def test_the_sequencer_finds_outbox_rows_through_its_index(postgres_server_url: str) -> None:
+    """Planned on an empty outbox, the move would read the whole outbox heap (dead rows of
+    earlier moves included) at every move; begun like the service begins it, it reads the
+    first rows of the outbox's primary key. The teeth: in a plain transaction it scans."""
+    url = await asyncio.to_thread(provision.create_database, postgres_server_url, "ledger_plans")
+    try:
+        await asyncio.to_thread(migrate.upgrade, url)
+        plan = await move_plan(url, LOCKED_BEGIN)
+        assert "Seq Scan on event_outbox" not in plan and "pk_event_outbox" in plan, plan
+        assert "Seq Scan on event_outbox" in await move_plan(url, "BEGIN"), "the teeth lost their bite"
     finally:
         await asyncio.to_thread(provision.drop_database, postgres_server_url, url)
