@@ -86,7 +86,24 @@ async def base_url(settings: Settings, held_commits: dict[str, int]) -> AsyncIte
         yield url
 
 
+class Retrying:
+    """POSTs as a payment service sends them: a 503 (a lock held for the injected second
+    past the lock timeout, say) is retried with the same id and body."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    async def post(self, path: str, json: dict) -> httpx.Response:
+        for _ in range(50):
+            response = await self._http.post(path, json=json)
+            if response.status_code != 503:
+                return response
+            await asyncio.sleep(float(response.headers.get("retry-after", "0.2")) / 5)
+        return response
+
+
 async def writer(http: httpx.AsyncClient, uid: str, n: int, accounts: list[str], bank: str) -> None:
+    http = Retrying(http)  # type: ignore[assignment]
     rng = random.Random(n)
     pending: list[str] = []
     for op in range(OPERATIONS):
@@ -125,6 +142,9 @@ async def writer(http: httpx.AsyncClient, uid: str, n: int, accounts: list[str],
 async def consumer(http: httpx.AsyncClient, cursor: str, seen: list[dict], stop: asyncio.Event) -> None:
     while not stop.is_set():
         response = await http.get("/v1/events", params={"after": cursor, "wait": 1, "limit": 250})
+        if response.status_code == 503:  # retried like any read; the cursor is unchanged
+            await asyncio.sleep(0.1)
+            continue
         assert response.status_code == 200, response.text
         body = response.json()
         seen += body["data"]
