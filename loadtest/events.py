@@ -57,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +65,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import psutil
 
 from loadtest.__main__ import cpu_seconds, percentile, run_fast
 from loadtest.checks import check
@@ -97,6 +99,124 @@ def epoch(timestamp: str) -> float:
 
 def position(event_id: str) -> int:
     return int(event_id.removeprefix("evt_"))
+
+
+# -- the machine: is anything else running? ---------------------------------------------
+
+
+def busy_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine has been busy (all cores), and stolen by the host."""
+    times = psutil.cpu_times()
+    busy = times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
+    return busy, getattr(times, "steal", 0.0)
+
+
+class CpuWatch:
+    """The machine's busy CPU during a measurement, split into ours and the rest.
+
+    Ours: this process and its descendants (service, consumers, receiver, a `python -m
+    loadtest` run) and every embedded PostgreSQL of a load test (a daemon, not a child:
+    found by its data directory, `ledger-loadtest-*`), each process's own user+system time
+    sampled once a second (a process living less than that is missed). `foreign` is the
+    rest: another program on the machine (a test suite, another benchmark) taking the
+    cores that the figures assume are ours."""
+
+    TICKS = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self) -> None:
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._postmaster: dict[int, bool] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _is_ours_postmaster(self, pid: int) -> bool:
+        if pid not in self._postmaster:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                return False
+            self._postmaster[pid] = b"ledger-loadtest-" in cmdline
+        return self._postmaster[pid]
+
+    def _sample(self, initial: bool = False) -> None:
+        """One pass over /proc (psutil's per-process calls cost about 25 ms a pass here,
+        taken from the generator's event loop): each process's parent, name and CPU."""
+        table: dict[int, tuple[int, bytes, float]] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                data = Path(f"/proc/{name}/stat").read_bytes()
+            except OSError:
+                continue
+            close = data.rindex(b")")
+            fields = data[close + 2 :].split()
+            table[int(name)] = (
+                int(fields[1]),
+                data[data.index(b"(") + 1 : close],
+                (int(fields[11]) + int(fields[12])) / self.TICKS,
+            )
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _, _) in table.items():
+            children.setdefault(parent, []).append(pid)
+        roots = [os.getpid()] + [
+            pid for pid, (parent, comm, _) in table.items()
+            if comm == b"postgres" and table.get(parent, (0, b""))[1] != b"postgres" and self._is_ours_postmaster(pid)
+        ]  # fmt: skip
+        stack = list(roots)
+        while stack:
+            pid = stack.pop()
+            if pid in table:
+                used = table[pid][2]
+                if pid not in self._first:
+                    self._first[pid] = used if initial else 0.0
+                self._last[pid] = used
+            stack += children.get(pid, [])
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._sample()
+
+    def __enter__(self) -> CpuWatch:
+        self._busy, self._steal = busy_seconds()
+        self._started = time.monotonic()
+        self._sample(initial=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+        busy, steal = busy_seconds()
+        ours = sum(self._last[pid] - self._first[pid] for pid in self._last)
+        self.report = {
+            "elapsed_seconds": round(time.monotonic() - self._started, 1),
+            "busy_cpu_seconds": round(busy - self._busy, 1),
+            "ours_cpu_seconds": round(ours, 1),
+            "foreign_cpu_seconds": round(busy - self._busy - ours, 1),
+            "steal_seconds": round(steal - self._steal, 1),
+        }
+
+
+def wait_quiet(threshold: float, timeout: float) -> dict[str, float]:
+    """Wait until the machine is nearly idle (less than `threshold` of a core busy over 2 s)
+    or `timeout` seconds have passed: a measurement started while something else runs
+    measures that too."""
+    started = time.monotonic()
+    while True:
+        busy, _ = busy_seconds()
+        time.sleep(2.0)
+        load = (busy_seconds()[0] - busy) / 2.0
+        waited = time.monotonic() - started
+        if load < threshold or waited >= timeout:
+            if load >= threshold:
+                print(f"the machine is still busy ({load:.2f} cores) after {waited:.0f} s: measuring anyway",
+                      file=sys.stderr)  # fmt: skip
+            return {"busy_cores_before": round(load, 2), "waited_seconds": round(waited, 1)}
+        print(f"the machine is busy ({load:.2f} cores in use): waiting", file=sys.stderr)
+        time.sleep(10.0)
 
 
 # -- outbox-cost ---------------------------------------------------------------------------
@@ -169,7 +289,7 @@ def outbox_cost(arguments: argparse.Namespace) -> dict[str, Any]:
     probes = {side: probe(directory) for side, directory in sides.items()}
     for side, found in probes.items():
         print(f"{side}: {json.dumps(found)}", file=sys.stderr)
-    expected = {"before": 404, "after": 200}
+    expected = {"before": arguments.before_status, "after": 200}
     for side, found in probes.items():
         root = str(sides[side])
         if (
@@ -187,12 +307,14 @@ def outbox_cost(arguments: argparse.Namespace) -> dict[str, Any]:
             for side, directory in sides.items():
                 report_path = Path(scratch) / f"{side}-{number}.json"
                 command = loadtest_command(arguments, report_path)
+                quiet = wait_quiet(arguments.quiet, arguments.quiet_timeout)
                 print(f"pair {number}, {side}: (cd {directory} && python {' '.join(command)})", file=sys.stderr)
-                completed = subprocess.run(
-                    [sys.executable, *command], cwd=directory, stdout=subprocess.DEVNULL, check=False
-                )
+                with CpuWatch() as watch:
+                    completed = subprocess.run(
+                        [sys.executable, *command], cwd=directory, stdout=subprocess.DEVNULL, check=False
+                    )
                 report = json.loads(report_path.read_text())
-                pair[side] = summarise_run(report)
+                pair[side] = {**summarise_run(report), "machine": {**quiet, **watch.report}}
                 if completed.returncode != 0 or not report["checks"]["ok"]:
                     problems.append(
                         f"pair {number} {side}: exit {completed.returncode}, {report['checks']['problems'][:3]}"
@@ -425,9 +547,11 @@ async def latency_run(arguments: argparse.Namespace, service: Any) -> dict[str, 
             for consumers in order:
                 tables_before = await table_stats(service.database_url)
                 cpu_before = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
-                entry, head, found, amounts = await latency_round(
-                    arguments, service, generator, workload, consumers, head
-                )
+                with CpuWatch() as watch:
+                    entry, head, found, amounts = await latency_round(
+                        arguments, service, generator, workload, consumers, head
+                    )
+                entry["machine"] = watch.report
                 cpu_after = (cpu_seconds(service.service_pid), cpu_seconds(service.postgres_pid))
                 applied = entry["transfers_acknowledged"] or 1
                 entry["cpu_ms_per_transfer"] = {
@@ -470,8 +594,15 @@ async def latency_run(arguments: argparse.Namespace, service: Any) -> dict[str, 
 
 
 def latency(arguments: argparse.Namespace) -> dict[str, Any]:
+    quiet = wait_quiet(arguments.quiet, arguments.quiet_timeout)
     with local_service(arguments.workers) as service:
-        return run_fast(latency_run(arguments, service))
+        report = run_fast(latency_run(arguments, service))
+    foreign = [
+        entry["machine"]["foreign_cpu_seconds"]
+        for pair in report["rounds"]
+        for entry in (pair["with"], pair["without"])
+    ]
+    return {**report, "machine": {**quiet, "foreign_cpu_seconds_per_round": foreign}}
 
 
 # -- webhooks -----------------------------------------------------------------------------
@@ -530,8 +661,8 @@ async def _receive(connection: multiprocessing.connection.Connection) -> None:
                         if not remaining:
                             complete.set()
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the sender closed the connection, or the receiver is shutting down
         finally:
             writer.close()
 
@@ -689,13 +820,22 @@ async def webhooks_run(arguments: argparse.Namespace, service: Any) -> dict[str,
         copies[0][0] - acknowledged[copies[0][3]] for copies in by_event.values() if copies[0][3] in acknowledged
     ]
     span = deliveries[-1][0] - deliveries[0][0] if len(deliveries) > 1 else 0.0
-    # Deliveries/s over a window: how steady the rate was.
+    # Per second from the first delivery: deliveries, and the lag (ms) of the first copies
+    # received in it: how steady the rate was, and whether the lag grew.
     timeline: list[int] = []
+    lags: list[list[float]] = []
     if deliveries:
         for received, *_ in deliveries:
             second = int(received - deliveries[0][0])
             timeline += [0] * (second + 1 - len(timeline))
+            lags += [[] for _ in range(second + 1 - len(lags))]
             timeline[second] += 1
+        for received, _, _, _, created_at, _ in first_copies:
+            lags[int(received - deliveries[0][0])].append((received - epoch(created_at)) * 1000)
+    lag_timeline = [
+        [second, percentile(sorted(values), 0.5), round(max(values), 1)] if values else [second, None, None]
+        for second, values in enumerate(lags)
+    ]
     if missing:
         problems.append(f"{len(missing)} transfers' events not received (e.g. {missing[:3]})")
     if invalid:
@@ -725,6 +865,7 @@ async def webhooks_run(arguments: argparse.Namespace, service: Any) -> dict[str,
         "lag_created_at_to_received_ms": spread(lag),
         "lag_201_to_received_ms": spread(after_201),
         "deliveries_per_second_timeline": timeline,
+        "lag_timeline_ms": lag_timeline,  # [second, p50, max]
         "missing": len(missing),
         "invalid_signatures": len(invalid),
         "duplicates": {"events": len(duplicates), "extra_copies": sum(n - 1 for n in duplicates.values())},
@@ -756,8 +897,10 @@ def webhooks(arguments: argparse.Namespace) -> dict[str, Any]:
     environment = {}
     if arguments.concurrency is not None:
         environment["LEDGER_WEBHOOK_CONCURRENCY"] = str(arguments.concurrency)
-    with local_service(1, **environment) as service:
-        return run_fast(webhooks_run(arguments, service))
+    quiet = wait_quiet(arguments.quiet, arguments.quiet_timeout)
+    with local_service(1, **environment) as service, CpuWatch() as watch:
+        report = run_fast(webhooks_run(arguments, service))
+    return {**report, "machine": {**quiet, **watch.report}}
 
 
 # -- command line -------------------------------------------------------------------------
@@ -780,6 +923,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="a checkout of the code with the feed (default: this repository's working tree; a worktree of a "
         "commit keeps the measurement from following edits made while it runs)",
+    )
+    cost.add_argument(
+        "--before-status",
+        type=int,
+        default=404,
+        help="what the --before tree's service must answer on GET /v1/events (404: no feed yet; 200 to compare "
+        "two versions of the feed)",
     )
     cost.add_argument("--scenario", choices=("uniform", "hot"), default="uniform")
     cost.add_argument("--pairs", type=int, default=4, help="before/after pairs (before first in each)")
@@ -823,6 +973,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for sub in (cost, lat, hooks):
         sub.add_argument("--report", type=Path, help="also write the JSON report here")
+        sub.add_argument(
+            "--quiet",
+            type=float,
+            default=0.3,
+            help="before each run, wait until less than this many cores are busy (something else running "
+            "would be measured too); the report has the CPU others used during each run (foreign_cpu_seconds)",
+        )
+        sub.add_argument("--quiet-timeout", type=float, default=900.0, help="seconds to wait for that at most")
     arguments = parser.parse_args(argv)
     if arguments.command == "outbox-cost":
         report = outbox_cost(arguments)
