@@ -116,8 +116,8 @@ class CpuWatch:
 
     Ours: this process and its descendants (service, consumers, receiver, a `python -m
     loadtest` run) and every embedded PostgreSQL of a load test (a daemon, not a child:
-    found by its data directory, `ledger-loadtest-*`), each process's own user+system time
-    sampled once a second (a process living less than that is missed). `foreign` is the
+    found by its data directory, `ledger-loadtest-*`), sampled once a second from /proc
+    (what a PostgreSQL does in the second before it stops is missed). `foreign` is the
     rest: another program on the machine (a test suite, another benchmark) taking the
     cores that the figures assume are ours."""
 
@@ -141,8 +141,12 @@ class CpuWatch:
 
     def _sample(self, initial: bool = False) -> None:
         """One pass over /proc (psutil's per-process calls cost about 25 ms a pass here,
-        taken from the generator's event loop): each process's parent, name and CPU."""
-        table: dict[int, tuple[int, bytes, float]] = {}
+        taken from the generator's event loop). Per root (this process, each load test's
+        PostgreSQL): its own CPU and that of its children it has reaped (cutime, cstime:
+        PostgreSQL's ended backends, a finished `python -m loadtest` with its service and
+        pgbench), plus the CPU of its descendants still running; the largest value seen
+        (a child that ended but is not reaped yet is in neither)."""
+        table: dict[int, tuple[int, bytes, float, float]] = {}
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
@@ -156,23 +160,27 @@ class CpuWatch:
                 int(fields[1]),
                 data[data.index(b"(") + 1 : close],
                 (int(fields[11]) + int(fields[12])) / self.TICKS,
+                (int(fields[13]) + int(fields[14])) / self.TICKS,
             )
         children: dict[int, list[int]] = {}
-        for pid, (parent, _, _) in table.items():
+        for pid, (parent, *_) in table.items():
             children.setdefault(parent, []).append(pid)
         roots = [os.getpid()] + [
-            pid for pid, (parent, comm, _) in table.items()
+            pid for pid, (parent, comm, *_) in table.items()
             if comm == b"postgres" and table.get(parent, (0, b""))[1] != b"postgres" and self._is_ours_postmaster(pid)
         ]  # fmt: skip
-        stack = list(roots)
-        while stack:
-            pid = stack.pop()
-            if pid in table:
-                used = table[pid][2]
-                if pid not in self._first:
-                    self._first[pid] = used if initial else 0.0
-                self._last[pid] = used
-            stack += children.get(pid, [])
+        for root in roots:
+            if root not in table:
+                continue
+            total = table[root][2] + table[root][3]
+            stack = list(children.get(root, []))
+            while stack:
+                pid = stack.pop()
+                total += table[pid][2]
+                stack += children.get(pid, [])
+            if root not in self._first:
+                self._first[root] = total if initial else 0.0
+            self._last[root] = max(total, self._last.get(root, 0.0))
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
