@@ -240,7 +240,7 @@ def create_replica_engine(settings: Settings) -> AsyncEngine | None:
 # The service serves as a member of `ledger_service` (granted by the migrations): what it
 # must be able to do, and what it must not (README, "Database roles").
 SERVICE_ROLE = "ledger_service"
-LEDGER_TABLES = ("accounts", "transfers", "entries", "api_keys")
+LEDGER_TABLES = ("accounts", "transfers", "entries", "api_keys", "account_changes")
 REQUIRED_PRIVILEGES = [
     ("alembic_version", "SELECT"),
     *((table, privilege) for table in LEDGER_TABLES for privilege in ("SELECT", "INSERT")),
@@ -249,6 +249,9 @@ REQUIRED_UPDATES = {
     "accounts": (
         "debits_posted", "credits_posted", "pending_debits", "pending_credits", "entries_count", "last_entry_hash",
         "last_entry_at",
+        # Account controls (PATCH /v1/accounts/{id}): each change is sealed anew and kept
+        # in the append-only account_changes, which verification folds and compares.
+        "status", "overdraft_limit", "max_balance", "name", "metadata", "seal", "seal_key",
     ),
     "transfers": ("status", "posted_amount", "reversed_amount", "updated_at", "seal", "seal_key"),
     "api_keys": ("revoked_at", "revoked_by"),
@@ -258,10 +261,14 @@ FORBIDDEN_PRIVILEGES = [
 ]
 FORBIDDEN_UPDATES = {
     "entries": ("account_id", "sequence", "transfer_id", "amount", "balance_after", "created_at", "hash", "key_id"),
-    "accounts": ("id", "currency", "name", "allow_negative_balance", "metadata", "created_at", "seal", "seal_key"),
+    "accounts": ("id", "currency", "allow_negative_balance", "created_at"),
+    "account_changes": (
+        "account_id", "sequence", "changed_at", "changed_by", "before", "after", "state", "hash", "key_id",
+    ),
     "transfers": (
         "id", "debit_account_id", "credit_account_id", "amount", "currency", "pending", "code", "description",
         "metadata", "request_hash", "created_at", "timeout_seconds", "expires_at", "reversal_of", "missing_account",
+        "imported_at",
     ),
     "api_keys": ("id", "role", "key_hash", "created_at", "created_by", "seal", "seal_key"),
 }  # fmt: skip

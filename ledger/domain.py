@@ -32,6 +32,8 @@ class TransferRequest:
     timeout_seconds: int | None = None
     description: str | None = None
     metadata: dict[str, str] | None = None
+    # History import (admin only): the transfer happened then; its entries carry that time.
+    imported_at: datetime | None = None
     # Computed once: a batch needs it several times, and preferably before taking locks.
     _fingerprint: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -58,6 +60,9 @@ class TransferRequest:
             self.description,
             sorted((self.metadata or {}).items()),
         ]
+        # Only when set: the fingerprints of requests stored before imports existed stay valid.
+        if self.imported_at is not None:
+            canonical.append(epoch_microseconds(self.imported_at))
         return hashlib.sha256(json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()).digest()
 
 
@@ -75,6 +80,12 @@ class LockedAccount:
     entries_count: int
     last_entry_hash: bytes | None
     last_entry_at: datetime | None
+    # Account controls: `frozen` and `closed` accounts neither send nor receive; the
+    # available balance may go down to -overdraft_limit (0 when null), and posted plus
+    # pending credits may not pass max_balance (no bound when null).
+    status: str = "open"
+    overdraft_limit: int | None = None
+    max_balance: int | None = None
     # Some pending transfer of this account is past its expiry but not yet released.
     has_due: bool = False
 
@@ -85,6 +96,20 @@ class LockedAccount:
     @property
     def available(self) -> int:
         return self.posted - self.pending_debits
+
+    @property
+    def floor(self) -> int | None:
+        """The lowest `available` allowed: None when the account may go negative freely."""
+        if self.allow_negative_balance:
+            return None
+        return -(self.overdraft_limit or 0)
+
+    @property
+    def ceiling_room(self) -> int | None:
+        """How much more may be credited (posted or pending) before max_balance; None: no bound."""
+        if self.max_balance is None:
+            return None
+        return self.max_balance - self.posted - self.pending_credits
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +129,15 @@ class TransferPlan:
     states after it."""
 
     currency: str
+    # The time of its entries; for an import, the time it happened.
     created_at: datetime
     status: str  # "posted" | "pending"
     expires_at: datetime | None
     entries: tuple[EntryPlan, ...]
     accounts: tuple[LockedAccount, ...]
+    # When the ledger records it, if not `created_at` (an import: the clock's time, so that
+    # checkpoints, which count the transfers recorded up to their cut-off, stay exact).
+    recorded_at: datetime | None = None
 
 
 def check_accounts_different(request: TransferRequest) -> None:
@@ -143,6 +172,7 @@ def decide_transfer(
     if missing:
         raise TransferRefused("account_not_found", f"no account with id {', '.join(repr(m) for m in missing)}")
     assert debit is not None and credit is not None
+    check_status(debit, credit)
     currency = request.currency or debit.currency
     if debit.currency != currency or credit.currency != currency:
         raise TransferRefused(
@@ -156,11 +186,22 @@ def decide_transfer(
         overflows = debit.debits_posted + amount > MAX_AMOUNT or credit.credits_posted + amount > MAX_AMOUNT
     if overflows:
         raise TransferRefused("balance_overflow", "an account's total would exceed 9223372036854775807")
-    if not debit.allow_negative_balance and debit.available - amount < 0:
+    floor = debit.floor
+    if floor is not None and debit.available - amount < floor:
+        limit = f" (with an overdraft limit of {-floor})" if floor else ""
         raise TransferRefused(
             "insufficient_funds",
-            f"account {debit.id!r} has {debit.available} available, the transfer needs {amount}",
+            f"account {debit.id!r} has {debit.available} available{limit}, the transfer needs {amount}",
         )
+    room = credit.ceiling_room
+    if room is not None and amount > room:
+        raise TransferRefused(
+            "exceeds_max_balance",
+            f"account {credit.id!r} may hold at most {credit.max_balance} (posted and pending credits); "
+            f"it can take {max(room, 0)} more, the transfer brings {amount}",
+        )
+    if request.imported_at is not None:
+        check_imported_at(request.imported_at, now, debit, credit)
 
     if request.pending:
         expires_at = now + timedelta(seconds=request.timeout_seconds) if request.timeout_seconds else None
@@ -175,9 +216,37 @@ def decide_transfer(
                 replace(credit, pending_credits=credit.pending_credits + amount),
             ),
         )
+    if request.imported_at is not None:
+        entries, new_debit, new_credit = post_entries(debit, credit, request.id, amount, request.imported_at, key)
+        return TransferPlan(
+            currency, request.imported_at, "posted", None, entries, (new_debit, new_credit), recorded_at=now
+        )
     created_at = entry_time(now, debit, credit)
     entries, new_debit, new_credit = post_entries(debit, credit, request.id, amount, created_at, key)
     return TransferPlan(currency, created_at, "posted", None, entries, (new_debit, new_credit))
+
+
+def check_status(debit: LockedAccount, credit: LockedAccount) -> None:
+    """A closed account takes part in no transfer ever again; a frozen one in none until
+    it is reopened (the debit account's state is named first)."""
+    for code in ("closed", "frozen"):
+        for account in (debit, credit):
+            if account.status == code:
+                raise TransferRefused(f"account_{code}", f"account {account.id!r} is {code}")
+
+
+def check_imported_at(imported_at: datetime, now: datetime, *accounts: LockedAccount) -> None:
+    """An imported transfer keeps each journal in time order (so `as_of` stays exact): it
+    is not later than now, nor earlier than the last entry of either account."""
+    if imported_at > now:
+        raise TransferRefused("imported_at_out_of_order", "imported_at is in the future")
+    for account in accounts:
+        if account.last_entry_at is not None and imported_at < account.last_entry_at:
+            raise TransferRefused(
+                "imported_at_out_of_order",
+                f"imported_at is earlier than the last entry of account {account.id!r} "
+                f"({account.last_entry_at.isoformat()}): import each account's history in time order",
+            )
 
 
 def post_entries(
@@ -191,12 +260,12 @@ def post_entries(
     new_debit = LockedAccount(
         debit.id, debit.currency, debit.allow_negative_balance, debit.debits_posted + amount,
         debit.credits_posted, debit.pending_debits, debit.pending_credits, debit_entry.sequence,
-        debit_entry.hash, created_at, debit.has_due,
+        debit_entry.hash, created_at, debit.status, debit.overdraft_limit, debit.max_balance, debit.has_due,
     )  # fmt: skip
     new_credit = LockedAccount(
         credit.id, credit.currency, credit.allow_negative_balance, credit.debits_posted,
         credit.credits_posted + amount, credit.pending_debits, credit.pending_credits, credit_entry.sequence,
-        credit_entry.hash, created_at, credit.has_due,
+        credit_entry.hash, created_at, credit.status, credit.overdraft_limit, credit.max_balance, credit.has_due,
     )  # fmt: skip
     return (debit_entry, credit_entry), new_debit, new_credit
 
@@ -272,7 +341,15 @@ def check_decision(transfer: PendingTransfer, decision: str, posted_amount: int 
 def decide_post(
     transfer: PendingTransfer, amount: int, accounts: dict[str, LockedAccount], now: datetime, key: ChainKey
 ) -> TransferPlan:
-    """Post `amount` (at most the reserved amount) of a pending transfer; the rest is released."""
+    """Post `amount` (at most the reserved amount) of a pending transfer; the rest is released.
+
+    Not refused when an account is frozen: the reservation was granted before the freeze
+    and holds the money already (a card authorisation captured after the card was
+    blocked: the merchant has delivered). A freeze stops new money movement, not the
+    settlement of what was promised; an operator who wants a reservation not to post
+    voids it. A closed account has no reservations (closing needs none). The limits hold
+    without a check: posting frees the reservation's pending amounts and moves at most as
+    much, and a limit cannot be changed to below what the account holds."""
     debit, credit = release(transfer, accounts)
     if debit.debits_posted + amount > MAX_AMOUNT or credit.credits_posted + amount > MAX_AMOUNT:
         raise DecisionRefused("balance_overflow", "an account's posted total would exceed 9223372036854775807")

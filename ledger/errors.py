@@ -120,6 +120,25 @@ class TransferExistsWithDifferentFields(Conflict):
     title = "A transfer with this id exists with different fields"
 
 
+class AccountNotEmpty(Conflict):
+    code = "account_not_empty"
+    title = "The account still holds money or reservations"
+
+
+class AccountAlreadyClosed(Conflict):
+    """A change of a closed account: closing is final."""
+
+    code = "account_closed"
+    title = "The account is closed"
+
+
+class BalanceOutsideLimits(Conflict):
+    """A limit that the account's present balance already breaks."""
+
+    code = "balance_outside_limits"
+    title = "The account's balance is outside the new limits"
+
+
 class TransferRefused(LedgerError):
     """A transfer the ledger refused. Unlike other errors it is an outcome: it is recorded
     under the transfer id and every later request with that id gets it back."""
@@ -139,6 +158,11 @@ class TransferRefused(LedgerError):
         # Reversals: more than what remains reversible, or a transfer that is not posted.
         "exceeds_reversible_amount": (422, "More than the transfer's reversible amount"),
         "transfer_not_posted": (422, "Only posted transfers can be reversed"),
+        # Account controls (API 1.1).
+        "exceeds_max_balance": (422, "The credit account would exceed its maximum balance"),
+        "account_frozen": (422, "An account of the transfer is frozen"),
+        "account_closed": (422, "An account of the transfer is closed"),
+        "imported_at_out_of_order": (422, "imported_at is in the future or before an account's last entry"),
     }
 
     def __init__(self, reason: str, detail: str) -> None:

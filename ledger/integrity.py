@@ -268,6 +268,8 @@ def _text(value: object) -> object:
         return bytes(value).hex()
     if isinstance(value, Mapping):
         return [[str(k), str(v)] for k, v in sorted(value.items())]
+    if isinstance(value, list | tuple):
+        return [_text(item) for item in value]
     raise TypeError(f"no canonical form for {type(value).__name__}")
 
 
@@ -287,6 +289,10 @@ def transfer_message(key_id: str, transfer: Any) -> str:
     # keep their seals, and setting, changing or clearing it breaks the seal.
     if transfer.missing_account is not None:
         fields.append(transfer.missing_account)
+    # Added by revision 0008, the same way: only imported transfers carry it.
+    imported_at = getattr(transfer, "imported_at", None)
+    if imported_at is not None:
+        fields.append(["imported_at", imported_at])
     return canonical(fields)
 
 
@@ -294,11 +300,45 @@ def account_message(key_id: str, account: Any) -> str:
     # Balances are not sealed: they change with every transfer and are verified against
     # the journal instead. `created_at` is set by the database at insert, so it is not
     # known when the seal is computed; nothing is decided on it.
-    return canonical(
-        [
-            "ledger-account-v1", key_id, account.id, account.currency, account.name,
-            account.allow_negative_balance, account.metadata or {},
-        ]
+    fields = [
+        "ledger-account-v1", key_id, account.id, account.currency, account.name,
+        account.allow_negative_balance, account.metadata or {},
+    ]  # fmt: skip
+    # The controls of revision 0008, only when they differ from what every account had
+    # before it (open, no limits): older seals stay valid, and any change breaks them.
+    status = getattr(account, "status", "open")
+    overdraft_limit = getattr(account, "overdraft_limit", None)
+    max_balance = getattr(account, "max_balance", None)
+    if (status, overdraft_limit, max_balance) != ("open", None, None):
+        fields.append(["controls", status, overdraft_limit, max_balance])
+    return canonical(fields)
+
+
+def json_text(value: object) -> str:
+    """A JSON value's one canonical text (sorted keys, no spaces)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def change_hash(
+    key: ChainKey,
+    previous_hash: bytes | None,
+    account_id: str,
+    sequence: int,
+    changed_at: datetime,
+    changed_by: str | None,
+    before: object,
+    after: object,
+    state: object,
+) -> bytes:
+    """The link of an account change (`account_changes`) in its account's chain of
+    changes: HMAC-SHA256 under the chain key, covering the previous link, as the journal's."""
+    return key.mac(
+        canonical(
+            [
+                "ledger-account-change-v1", key.id, account_id, sequence, changed_at, changed_by,
+                json_text(before), json_text(after), json_text(state), previous_hash or b"",
+            ]
+        )
     )  # fmt: skip
 
 

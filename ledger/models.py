@@ -90,11 +90,33 @@ class Account(Base):
     # HMAC of the account's fields under the chain key `seal_key` (ledger.integrity).
     seal: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     seal_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Account controls (revision 0008): a frozen account neither sends nor receives, a
+    # closed one never again; null limits are no limits.
+    status: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'open'"))
+    overdraft_limit: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_balance: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
         CheckConstraint(IDENTIFIER_CHECK, name="id_format"),
         CheckConstraint(f"currency ~ '{CURRENCY_PATTERN}'", name="currency_format"),
         CheckConstraint("char_length(name) BETWEEN 1 AND 256", name="name_length"),
+        CheckConstraint("status IN ('open', 'frozen', 'closed')", name="status_known"),
+        CheckConstraint("overdraft_limit >= 0 AND max_balance >= 0", name="limits_not_negative"),
+        CheckConstraint(
+            "max_balance IS NULL OR credits_posted::numeric - debits_posted + pending_credits <= max_balance",
+            name="within_max_balance",
+        ),
+        CheckConstraint(
+            "status <> 'closed' OR (credits_posted = debits_posted AND pending_debits = 0 AND pending_credits = 0)",
+            name="closed_empty",
+        ),
+        Index(
+            "ix_accounts_metadata",
+            "metadata",
+            postgresql_using="gin",
+            postgresql_ops={"metadata": "jsonb_path_ops"},
+            postgresql_where=text("metadata <> '{}'::jsonb"),
+        ),
         CheckConstraint(SEAL_SHAPE, name="seal_shape"),
         CheckConstraint("jsonb_typeof(metadata) = 'object'", name="metadata_object"),
         CheckConstraint(
@@ -102,9 +124,11 @@ class Account(Base):
             name="totals_not_negative",
         ),
         CheckConstraint("entries_count >= 0", name="entries_count_not_negative"),
-        # numeric arithmetic: the difference of two bigints can overflow bigint.
+        # numeric arithmetic: the difference of two bigints can overflow bigint. The name
+        # predates overdraft limits: the service maps it to `insufficient_funds`.
         CheckConstraint(
-            "allow_negative_balance OR credits_posted::numeric - debits_posted - pending_debits >= 0",
+            "allow_negative_balance OR "
+            "credits_posted::numeric - debits_posted - pending_debits >= -COALESCE(overdraft_limit, 0)",
             name="balance_not_negative",
         ),
         CheckConstraint("last_entry_hash IS NULL OR octet_length(last_entry_hash) = 32", name="last_entry_hash_length"),
@@ -149,11 +173,22 @@ class Transfer(Base):
     # HMAC of every field above under the chain key `seal_key`, recomputed at each change.
     seal: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     seal_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A transfer loaded from the system being replaced (revision 0008): when it happened,
+    # its entries' time; `created_at` is when this ledger recorded it.
+    imported_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
     __table_args__ = (
         CheckConstraint(IDENTIFIER_CHECK, name="id_format"),
         CheckConstraint(SEAL_SHAPE, name="seal_shape"),
         CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("imported_at IS NULL OR (imported_at <= created_at AND NOT pending)", name="imported_posted"),
+        Index(
+            "ix_transfers_metadata",
+            "metadata",
+            postgresql_using="gin",
+            postgresql_ops={"metadata": "jsonb_path_ops"},
+            postgresql_where=text("metadata <> '{}'::jsonb"),
+        ),
         CheckConstraint("timeout_seconds BETWEEN 1 AND 2592000", name="timeout_range"),
         CheckConstraint("(expires_at IS NULL AND timeout_seconds IS NULL) OR pending", name="expiry_only_when_pending"),
         CheckConstraint("pending OR status IN ('posted', 'rejected')", name="pending_status"),
@@ -227,6 +262,31 @@ class Entry(Base):
     )
 
 
+class AccountChange(Base):
+    """One change of an account's status, limits, name or metadata (row 0: its creation):
+    append-only, numbered per account, chained by a keyed hash (ledger.integrity.change_hash)."""
+
+    __tablename__ = "account_changes"
+
+    account_id: Mapped[str] = mapped_column(Text, ForeignKey("accounts.id"), nullable=False)
+    sequence: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    changed_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    changed_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    before: Mapped[dict[str, object]] = mapped_column(JSONB, nullable=False)
+    after: Mapped[dict[str, object]] = mapped_column(JSONB, nullable=False)
+    # The account right after the change (fields and balances): what its event renders.
+    state: Mapped[dict[str, object]] = mapped_column(JSONB, nullable=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    key_id: Mapped[str] = mapped_column(Text, nullable=False)
+
+    __table_args__ = (
+        PrimaryKeyConstraint("account_id", "sequence"),
+        CheckConstraint("sequence >= 0", name="sequence_not_negative"),
+        CheckConstraint("octet_length(hash) = 32", name="hash_length"),
+        CheckConstraint("jsonb_typeof(before) = 'object' AND jsonb_typeof(after) = 'object'", name="objects"),
+    )
+
+
 class ApiKey(Base):
     """An API key: only its SHA-256 is stored; the key itself is shown once, at creation."""
 
@@ -269,6 +329,10 @@ EVENT_SUBJECT_CHECK = (
     "(type LIKE 'account.%') = (transfer_id IS NULL) AND (transfer_id IS NULL) = (other_account_id IS NULL)"
 )
 
+CHANGE_SEQUENCE_CHECK = (
+    "(type <> 'account.changed' OR change_sequence IS NOT NULL) AND (type LIKE 'account.%' OR change_sequence IS NULL)"
+)
+
 
 class EventOutbox(Base):
     """Events written with their change, not yet in the feed (ledger.service.events)."""
@@ -282,10 +346,13 @@ class EventOutbox(Base):
     account_id: Mapped[str] = mapped_column(Text, nullable=False)
     other_account_id: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    # An account.changed event: the account_changes row it renders.
+    change_sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
         CheckConstraint(EVENT_TYPE_CHECK, name="type_known"),
         CheckConstraint(EVENT_SUBJECT_CHECK, name="subject"),
+        CheckConstraint(CHANGE_SEQUENCE_CHECK, name="change_names_sequence"),
     )
 
 
@@ -302,10 +369,12 @@ class Event(Base):
     account_id: Mapped[str] = mapped_column(Text, nullable=False)
     other_account_id: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    change_sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
         CheckConstraint(EVENT_TYPE_CHECK, name="type_known"),
         CheckConstraint(EVENT_SUBJECT_CHECK, name="subject"),
+        CheckConstraint(CHANGE_SEQUENCE_CHECK, name="change_names_sequence"),
         CheckConstraint("position >= 1", name="position_positive"),
         Index(None, "account_id", "position"),
         Index(None, "other_account_id", "position"),

@@ -30,6 +30,9 @@ def account_out(account: AccountRecord) -> AccountOut:
             available=account.available,
         ),
         entries_count=account.entries_count,
+        status=account.status,  # type: ignore[arg-type]
+        overdraft_limit=account.overdraft_limit,
+        max_balance=account.max_balance,
     )
 
 
@@ -50,6 +53,7 @@ def transfer_out(transfer: TransferRecord) -> TransferOut:
         metadata=transfer.metadata,
         created_at=format_timestamp(transfer.created_at),
         updated_at=format_timestamp(transfer.updated_at),
+        imported_at=format_timestamp(transfer.imported_at) if transfer.imported_at else None,
     )
 
 
@@ -100,6 +104,16 @@ def refusal_detail(transfer: TransferRecord) -> str:
         return f"debit_account_id and credit_account_id are both {debit!r}"
     if reason == "balance_overflow":
         return "an account's posted total would exceed 9223372036854775807"
+    if reason == "exceeds_max_balance":
+        return f"account {credit!r} would hold more than its max_balance (posted plus pending credits)"
+    if reason in ("account_frozen", "account_closed"):
+        # Which of the two was not recorded with the refusal; the accounts' histories say.
+        return f"account {debit!r} or {credit!r} is {reason.removeprefix('account_')}"
+    if reason == "imported_at_out_of_order":
+        return (
+            "imported_at is in the future, or earlier than the last entry of "
+            f"account {debit!r} or {credit!r}: import each account's history in time order"
+        )
     return f"transfer refused: {reason}"
 
 

@@ -9,23 +9,27 @@ from datetime import datetime
 from typing import Annotated, TypeVar
 from urllib.parse import quote
 
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, get, patch, post
 from litestar.datastructures import State
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from ledger.domain import BatchItem, TransferRequest
 from ledger.errors import AccountNotFound, BatchTooLarge, InvalidRequest, TransferNotFound
-from ledger.http.auth import MOVE_MONEY, READ, require_admin_for
+from ledger.http.auth import ADMIN, MOVE_MONEY, READ, principal, require_admin_for
 from ledger.http.body import decode_strict, path_identifier
+from ledger.http.metadata import metadata_filter
 from ledger.http.problems import READ_PROBLEMS, WRITE_PROBLEMS, documented, refusal_response, replayed
 from ledger.http.render import account_out, balance_out, batch_result_out, entry_out, refusal_detail, transfer_out
 from ledger.http.schemas import (
     CURRENCY_RE,
     IDENTIFIER_RE,
     AccountBalanceOut,
+    AccountChangeOut,
+    AccountChangePage,
     AccountCreate,
     AccountOut,
     AccountPage,
+    AccountUpdate,
     BatchCreate,
     BatchOut,
     EntryPage,
@@ -108,12 +112,18 @@ class AccountController(Controller):
         if body.allow_negative_balance:
             # Money enters the ledger from such accounts: a poster could otherwise mint it.
             require_admin_for(request, "open an account that may go negative (`allow_negative_balance`)")
+        if body.overdraft_limit:
+            # The same: an overdraft lets money out of an account that holds none.
+            require_admin_for(request, "open an account with an overdraft (`overdraft_limit` above 0)")
         outcome = await state.ledger.accounts.open(
             account_id=body.id,
             currency=body.currency,
             name=body.name,
             allow_negative_balance=body.allow_negative_balance,
             metadata=body.metadata,
+            overdraft_limit=body.overdraft_limit,
+            max_balance=body.max_balance,
+            changed_by=principal(request).key_id,
         )
         if outcome.created:
             return Response(
@@ -125,18 +135,77 @@ class AccountController(Controller):
 
     @get("/", operation_id="listAccounts", opt=READ, responses=documented(*READ_PROBLEMS))
     async def list_accounts(
-        self, state: State, limit: Limit = None, cursor: Cursor = None, currency: CurrencyFilter = None
+        self,
+        request: Request,
+        state: State,
+        limit: Limit = None,
+        cursor: Cursor = None,
+        currency: CurrencyFilter = None,
     ) -> Response[AccountPage]:
-        """Accounts ordered by id, keyset-paginated."""
+        """Accounts ordered by id, keyset-paginated; `metadata[KEY]=VALUE` keeps those whose
+        metadata holds every pair."""
         if currency is not None and not CURRENCY_RE.fullmatch(currency):
             raise InvalidRequest(
                 "`currency` must be three upper-case letters", [{"field": "currency", "message": "^[A-Z]{3}$"}]
             )
-        size = _page_size(state, limit)
-        routed = await state.reads.read(lambda on: on.queries.accounts(currency=currency, limit=size, cursor=cursor))
+        size, metadata = _page_size(state, limit), metadata_filter(request)
+        routed = await state.reads.read(
+            lambda on: on.queries.accounts(currency=currency, limit=size, cursor=cursor, metadata=metadata)
+        )
         page = routed.value
         return Response(
             AccountPage(data=[account_out(a) for a in page.items], next_cursor=page.next_cursor), headers=routed.headers
+        )
+
+    @patch(
+        "/{account_id:str}",
+        operation_id="updateAccount",
+        opt=ADMIN,
+        responses=documented(400, 401, 403, 404, 409, 415, 503),
+    )
+    async def update_account(
+        self, request: Request, state: State, account_id: AccountId, data: JSONBody[AccountUpdate]
+    ) -> AccountOut:
+        """Change an account's `status` (`open`, `frozen`, `closed`), `overdraft_limit`,
+        `max_balance`, `name` or `metadata` (replaced whole), under the account's lock.
+        Only the fields sent change; each effective change is kept in the account's history
+        (`/changes`) and is an `account.changed` event. Closing needs a zero balance and no
+        reservation (409 `account_not_empty`) and is final (409 `account_closed`); a limit
+        the present balance already breaks is 409 `balance_outside_limits`."""
+        body = await decode_strict(request, AccountUpdate)
+        path_identifier(account_id, AccountNotFound, "account")
+        account = await state.ledger.accounts.update(account_id, body.changes(), principal(request).key_id)
+        return account_out(account)
+
+    @get(
+        "/{account_id:str}/changes",
+        operation_id="listAccountChanges",
+        opt=READ,
+        responses=documented(*READ_PROBLEMS, 404),
+    )
+    async def list_changes(
+        self, state: State, account_id: AccountId, limit: Limit = None, cursor: Cursor = None
+    ) -> AccountChangePage:
+        """Every change of the account, oldest first: when, by which key (`changed_by`),
+        which fields, their values before and after, and the change's link in the account's
+        hash chain of changes (checked by `POST /v1/audit/verify`)."""
+        path_identifier(account_id, AccountNotFound, "account")
+        page = await state.ledger.accounts.changes(account_id, limit=_page_size(state, limit), cursor=cursor)
+        return AccountChangePage(
+            data=[
+                AccountChangeOut(
+                    account_id=c.account_id,
+                    sequence=c.sequence,
+                    changed_at=format_timestamp(c.changed_at),
+                    changed_by=c.changed_by,
+                    fields=c.fields,
+                    before=c.before,
+                    after=c.after,
+                    hash=c.hash.hex(),
+                )
+                for c in page.items
+            ],
+            next_cursor=page.next_cursor,
         )
 
     @get("/{account_id:str}", operation_id="getAccount", opt=READ, responses=documented(*READ_PROBLEMS, 404))
@@ -293,6 +362,7 @@ def transfer_request(body: TransferCreate) -> TransferRequest:
         timeout_seconds=body.timeout_seconds,
         description=body.description,
         metadata=body.metadata,
+        imported_at=body.imported_at,
     )
 
 
@@ -323,6 +393,8 @@ class TransferController(Controller):
         single-transfer guarantees (its own id, its own recorded outcome, replays);
         `"linked": true` ties an item to the next, and a chain succeeds or fails whole."""
         body = await decode_strict(request, BatchCreate)
+        if any(item.imported_at is not None for item in body.transfers):
+            require_admin_for(request, "import history (`imported_at`)")
         if len(body.transfers) > state.settings.max_batch_size:
             raise BatchTooLarge(
                 f"a batch holds at most {state.settings.max_batch_size} transfers, got {len(body.transfers)}"
@@ -346,6 +418,9 @@ class TransferController(Controller):
         """Apply a transfer once per `id`. A repeat returns the original status and body
         with `Idempotent-Replayed: true`; refusals (404/422) are recorded and replayed too."""
         body = await decode_strict(request, TransferCreate)
+        if body.imported_at is not None:
+            # History written with another time than the clock's: only an admin may.
+            require_admin_for(request, "import history (`imported_at`)")
         outcome = await state.ledger.transfers.create(transfer_request(body))
         return transfer_response(outcome, state)
 
@@ -400,6 +475,7 @@ class TransferController(Controller):
     @get("/", operation_id="listTransfers", opt=READ, responses=documented(*READ_PROBLEMS))
     async def list_transfers(
         self,
+        request: Request,
         state: State,
         limit: Limit = None,
         cursor: Cursor = None,
@@ -408,7 +484,8 @@ class TransferController(Controller):
         account_id: AccountFilter = None,
         status: StatusFilter = None,
     ) -> Response[TransferPage]:
-        """Transfers oldest first (rejected ones included), filtered and keyset-paginated."""
+        """Transfers oldest first (rejected ones included), filtered and keyset-paginated;
+        `metadata[KEY]=VALUE` keeps those whose metadata holds every pair."""
         if status is not None and status not in TRANSFER_STATUSES:
             raise InvalidRequest(
                 f"`status` must be one of {', '.join(TRANSFER_STATUSES)}",
@@ -421,6 +498,7 @@ class TransferController(Controller):
             "end": _timestamp("to", end),
             "limit": _page_size(state, limit),
             "cursor": cursor,
+            "metadata": metadata_filter(request),
         }
         routed = await state.reads.read(lambda on: on.queries.transfers(**filters))
         page = routed.value

@@ -70,14 +70,23 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
         _check_text(f"metadata.{key}", value)
 
 
+Limit = Annotated[
+    int,
+    msgspec.Meta(ge=0, le=MAX_AMOUNT, description="Minor units, a JSON integer >= 0; null: no limit", examples=[50000]),
+]
+
+
 class AccountCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Open an account. Without `id` the service picks one."""
+    """Open an account. Without `id` the service picks one. `overdraft_limit` above 0
+    (like `allow_negative_balance`) needs an admin key."""
 
     currency: Currency
     id: Identifier | None = None
     name: Name | None = None
     allow_negative_balance: bool = False
     metadata: Metadata | None = None
+    overdraft_limit: Limit | None = None
+    max_balance: Limit | None = None
 
     def __post_init__(self) -> None:
         _check_identifier("id", self.id)
@@ -99,8 +108,18 @@ class TransferCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout_seconds: TimeoutSeconds | None = None
     description: Description | None = None
     metadata: Metadata | None = None
+    imported_at: Annotated[
+        datetime | None,
+        msgspec.Meta(description="History import (admin only): when the transfer happened, RFC 3339 with offset"),
+    ] = None
 
     def __post_init__(self) -> None:
+        if self.imported_at is not None:
+            if self.imported_at.tzinfo is None:
+                raise ValueError("`imported_at` must carry a time zone offset (e.g. Z)")
+            if self.pending:
+                raise ValueError("`imported_at` applies to posted transfers only (an import is of settled history)")
+            self.imported_at = self.imported_at.astimezone(UTC)
         for field in ("id", "debit_account_id", "credit_account_id"):
             _check_identifier(field, getattr(self, field))
         if self.currency is not None and not CURRENCY_RE.fullmatch(self.currency):
@@ -160,6 +179,50 @@ class AccountOut(msgspec.Struct):
     created_at: str
     balance: Balance
     entries_count: int
+    status: Literal["open", "frozen", "closed"]
+    overdraft_limit: int | None
+    max_balance: int | None
+
+
+class AccountUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Change an account (admin): only the fields present change. `null` removes a limit
+    or the name; `metadata` replaces the whole map. Closing is final."""
+
+    status: Literal["open", "frozen", "closed"] | msgspec.UnsetType = msgspec.UNSET
+    overdraft_limit: Limit | None | msgspec.UnsetType = msgspec.UNSET
+    max_balance: Limit | None | msgspec.UnsetType = msgspec.UNSET
+    name: Name | None | msgspec.UnsetType = msgspec.UNSET
+    metadata: Metadata | msgspec.UnsetType = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        if isinstance(self.name, str):
+            _check_text("name", self.name)
+        if isinstance(self.metadata, dict):
+            _check_metadata(self.metadata)
+
+    def changes(self) -> dict[str, object]:
+        return {
+            field: getattr(self, field)
+            for field in self.__struct_fields__
+            if getattr(self, field) is not msgspec.UNSET
+        }
+
+
+class AccountChangeOut(msgspec.Struct):
+    account_id: str
+    sequence: int
+    changed_at: str
+    # The API key that made the change (its id), `LEDGER_ADMIN_KEY`, or `cli`.
+    changed_by: str | None
+    fields: list[str]
+    before: dict[str, object]
+    after: dict[str, object]
+    hash: str
+
+
+class AccountChangePage(msgspec.Struct):
+    data: list[AccountChangeOut]
+    next_cursor: str | None
 
 
 class TransferOut(msgspec.Struct):
@@ -178,6 +241,7 @@ class TransferOut(msgspec.Struct):
     metadata: dict[str, str]
     created_at: str
     updated_at: str
+    imported_at: str | None = None
 
 
 class BatchResultOut(msgspec.Struct, omit_defaults=True):
@@ -276,6 +340,19 @@ class CurrencyBalanceOut(msgspec.Struct):
 class TrialBalanceOut(msgspec.Struct):
     as_of: str
     balances: list[CurrencyBalanceOut]
+
+
+class AggregateBalanceOut(msgspec.Struct):
+    """Balances summed over the matching accounts of one currency, from one snapshot. The
+    sums are JSON integers of any size: they can pass the bigint range of one balance."""
+
+    currency: str
+    accounts: int
+    posted: int
+    pending_debits: int
+    pending_credits: int
+    available: int
+    as_of: str
 
 
 Role = Literal["admin", "poster", "auditor"]

@@ -18,6 +18,10 @@ journal in sequence order, every transfer, and reports each problem precisely
 - account rows: `entries_count_mismatch`, `last_hash_mismatch`, `balance_mismatch` and
   `pending_mismatch` (totals that disagree with the journal or with pending transfers),
   `account_seal_mismatch`, `unsealed_account`;
+- account histories (`account_changes`): `change_sequence_gap`, `change_hash_mismatch` (a
+  change altered, inserted or reordered without the chain key), `change_history_mismatch`
+  (a change's `before` is not what the history said last, or the account row's status,
+  limits, name or metadata are not what its history says);
 - transfer rows: `transfer_seal_mismatch`, `unsealed_transfer`, and against the journal
   `transfer_entries_mismatch` (a posted transfer needs exactly its two entries, of its
   posted amount, on its accounts; any other status none), `reversed_amount_mismatch`
@@ -32,6 +36,7 @@ a progress callback lets the CLI show how far it is.
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,10 +47,19 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.errors import AccountNotFound
-from ledger.integrity import LEGACY_KEY_ID, Keyring, account_message, entry_hash, seal_is_valid, transfer_message
+from ledger.integrity import (
+    LEGACY_KEY_ID,
+    Keyring,
+    account_message,
+    change_hash,
+    entry_hash,
+    seal_is_valid,
+    transfer_message,
+)
 from ledger.service.checkpoints import Checkpoint, transfer_counts
 from ledger.service.records import TransferRecord
 
+CONTROLS = ("status", "overdraft_limit", "max_balance")
 # Pages small enough that reading one (the rows are built in one go) does not hold the
 # event loop for more than a few milliseconds.
 ACCOUNT_PAGE = 500
@@ -58,7 +72,7 @@ SNAPSHOT = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 ACCOUNTS = text(
     """
     SELECT id, currency, name, allow_negative_balance, metadata, seal, seal_key, debits_posted, credits_posted,
-           pending_debits, pending_credits, entries_count, last_entry_hash
+           pending_debits, pending_credits, entries_count, last_entry_hash, status, overdraft_limit, max_balance
     FROM accounts WHERE id > :after AND (CAST(:only AS text) IS NULL OR id = :only) ORDER BY id LIMIT :limit
     """
 )
@@ -76,11 +90,18 @@ ENTRIES = text(
     WHERE account_id = :account AND sequence > :after ORDER BY sequence LIMIT :limit
     """
 )
+# An account's history of changes (few rows per account: read whole).
+CHANGES = text(
+    """
+    SELECT sequence, changed_at, changed_by, before, after, state, hash, key_id FROM account_changes
+    WHERE account_id = :account ORDER BY sequence
+    """
+)
 COUNT_ACCOUNTS = text("SELECT count(*) FROM accounts WHERE CAST(:only AS text) IS NULL OR id = :only")
 _TRANSFER_CHECK_COLUMNS = """
     t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency, t.pending, t.status, t.code,
     t.description, t.metadata, t.request_hash, t.created_at, t.updated_at, t.timeout_seconds, t.expires_at,
-    t.posted_amount, t.reversal_of, t.reversed_amount, t.missing_account, t.seal, t.seal_key,
+    t.posted_amount, t.reversal_of, t.reversed_amount, t.missing_account, t.imported_at, t.seal, t.seal_key,
     ARRAY(SELECT e.account_id FROM entries e WHERE e.transfer_id = t.id ORDER BY e.account_id, e.amount) AS entry_accounts,
     ARRAY(SELECT e.amount FROM entries e WHERE e.transfer_id = t.id ORDER BY e.account_id, e.amount) AS entry_amounts,
     CAST(COALESCE((SELECT sum(r.amount) FROM transfers r WHERE r.reversal_of = t.id AND r.status = 'posted'), 0)
@@ -246,13 +267,19 @@ class _Walk:
         report = self.report
         account_id = account["id"]
         self.seen_accounts.add(account_id)
-        fields = SimpleNamespace(**{k: account[k] for k in ("id", "currency", "name", "allow_negative_balance")})
-        fields.metadata = account["metadata"]
+        fields = SimpleNamespace(
+            **{k: account[k] for k in ("id", "currency", "name", "allow_negative_balance", "metadata")},
+            **{k: account[k] for k in CONTROLS},
+        )
         self._seal(
             account_id, None, "account", account["seal_key"], account["seal"], lambda k: account_message(k, fields)
         )
+        overdraft_limits = await self.changes(connection, account)
         pinned_count, pinned_hash = self.heads.get(account_id, (0, None))
         may_go_negative = account["allow_negative_balance"]
+        # The journal's balances never went below the largest overdraft the account ever
+        # had (the limit in force at each entry is not kept; this bound is).
+        floor = -max(overdraft_limits)
         expected_sequence, running = 1, 0
         previous_hash: bytes | None = None
         previous_time: datetime | None = None
@@ -276,8 +303,11 @@ class _Walk:
                         f"balance_after is {entry.balance_after}, the amounts sum to {running}",
                     )  # fmt: skip
                     running = entry.balance_after  # report the next problem, not this one again
-                if not may_go_negative and entry.balance_after < 0:
-                    report.add(account_id, sequence, "negative_balance", "the account may not go negative, and it did")
+                if not may_go_negative and entry.balance_after < floor:
+                    report.add(
+                        account_id, sequence, "negative_balance",
+                        "the account may not go negative (beyond its overdraft limit), and it did",
+                    )  # fmt: skip
                 self._entry_link(account_id, entry, previous_hash, sequence <= pinned_count)
                 if sequence == pinned_count and bytes(entry.hash) != pinned_hash:
                     report.add(
@@ -316,6 +346,53 @@ class _Walk:
                 f"pending {account['pending_debits']}/{account['pending_credits']}, "
                 f"its pending transfers {pending['debits']}/{pending['credits']}",
             )  # fmt: skip
+
+    async def changes(self, connection: AsyncConnection, account: Any) -> set[int]:
+        """Check the account's history of changes: numbered from 0 (its opening; accounts
+        opened before revision 0008 start at 1) without gaps, each link of the keyed hash
+        chain valid, each change's `before` what the history said last, and the history's
+        last word on each field what the account row holds. Return every overdraft limit
+        the account has had (0 for none)."""
+        report, account_id = self.report, account["id"]
+        rows = (await connection.execute(CHANGES, {"account": account_id})).all()
+        known: dict[str, Any] = {}
+        previous: bytes | None = None
+        expected = 0 if rows and rows[0].sequence == 0 else 1
+        limits = {account["overdraft_limit"] or 0}
+        for row in rows:
+            sequence = row.sequence
+            if sequence != expected:
+                report.add(account_id, None, "change_sequence_gap", f"expected change {expected}, found {sequence}")
+            key = self.keyring.get(row.key_id)
+            if key is None or not hmac.compare_digest(
+                change_hash(
+                    key, previous, account_id, sequence, row.changed_at, row.changed_by, row.before, row.after,
+                    row.state,
+                ),
+                bytes(row.hash),
+            ):  # fmt: skip
+                report.add(
+                    account_id, None, "change_hash_mismatch",
+                    f"change {sequence} does not match its content and its predecessor under key {row.key_id!r}",
+                )  # fmt: skip
+            for field, value in row.before.items():
+                if field in known and known[field] != value:
+                    report.add(
+                        account_id, None, "change_history_mismatch",
+                        f"change {sequence} says {field} was {value!r}, the change before set {known[field]!r}",
+                    )  # fmt: skip
+            for side in (row.before, row.after):
+                if side.get("overdraft_limit") is not None:
+                    limits.add(side["overdraft_limit"])
+            known.update(row.after)
+            previous, expected = bytes(row.hash), sequence + 1
+        for field, value in known.items():
+            if field in CONTROLS + ("name", "metadata") and account[field] != value:
+                report.add(
+                    account_id, None, "change_history_mismatch",
+                    f"the account's {field} is {account[field]!r}, its history of changes says {value!r}",
+                )  # fmt: skip
+        return limits
 
     def _entry_link(self, account_id: str, entry: Any, previous_hash: bytes | None, pinned: bool) -> None:
         """Check the entry's hash under the key it names. Entries beyond the last

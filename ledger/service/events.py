@@ -74,7 +74,7 @@ MOVE_SQL = f"""
 WITH moved AS (
     DELETE FROM event_outbox
     WHERE id IN (SELECT id FROM event_outbox ORDER BY id LIMIT $1)
-    RETURNING id, type, transfer_id, account_id, other_account_id, created_at
+    RETURNING id, type, transfer_id, account_id, other_account_id, created_at, change_sequence
 ), counted AS (
     SELECT count(*) AS n FROM moved
 ), feed AS (
@@ -83,9 +83,10 @@ WITH moved AS (
     WHERE id = 1 AND (SELECT n FROM counted) > 0
     RETURNING last_position - (SELECT n FROM counted) AS base, last_position
 ), inserted AS (
-    INSERT INTO events (position, sequence, type, transfer_id, account_id, other_account_id, created_at)
+    INSERT INTO events (position, sequence, type, transfer_id, account_id, other_account_id, created_at,
+                        change_sequence)
     SELECT feed.base + row_number() OVER (ORDER BY moved.id), moved.id, moved.type, moved.transfer_id,
-           moved.account_id, moved.other_account_id, moved.created_at
+           moved.account_id, moved.other_account_id, moved.created_at, moved.change_sequence
     FROM moved, feed
 )
 SELECT (SELECT n FROM counted) AS moved,
@@ -108,10 +109,11 @@ RETURNING pruned_through
 
 _TRANSFER = [column.key for column in STORED_TRANSFER_COLUMNS]
 _ACCOUNT = [
-    "id", "currency", "name", "allow_negative_balance", "metadata", "created_at",
+    "id", "currency", "name", "allow_negative_balance", "metadata", "created_at", "status", "overdraft_limit",
+    "max_balance",
 ]  # fmt: skip
 _SELECT = ", ".join(
-    ["e.position", "e.type", "e.created_at AS event_at", "e.sequence"]
+    ["e.position", "e.type", "e.created_at AS event_at", "e.sequence", "c.state AS c_state"]
     + [f"t.{name} AS t_{name}" for name in _TRANSFER]
     + [f"a.{name} AS a_{name}" for name in _ACCOUNT]
 )
@@ -140,6 +142,7 @@ def _page_sql(*, by_account: bool, by_type: bool) -> str:
         FROM scanned JOIN events e USING (position)
         LEFT JOIN transfers t ON t.id = e.transfer_id
         LEFT JOIN accounts a ON e.transfer_id IS NULL AND a.id = e.account_id
+        LEFT JOIN account_changes c ON c.account_id = e.account_id AND c.sequence = e.change_sequence
         {type_filter}
         ORDER BY e.position LIMIT $2
     )
@@ -190,7 +193,7 @@ def _event(row: dict[str, Any]) -> EventRecord:
     if kind.startswith("transfer."):
         status = kind.removeprefix("transfer.")
         stored = {name: row[f"t_{name}"] for name in _TRANSFER}
-        for name in ("created_at", "updated_at", "expires_at"):
+        for name in ("created_at", "updated_at", "expires_at", "imported_at"):
             if stored[name] is not None:
                 stored[name] = _timestamp(stored[name])
         stored["request_hash"] = b""
@@ -206,7 +209,29 @@ def _event(row: dict[str, Any]) -> EventRecord:
             reversed_amount=0,
         )
         transfer = TransferRecord(**stored)
+    elif row["c_state"] is not None:
+        # The account right after the change, as its history row keeps it (row 0 for its
+        # creation): later changes of name, metadata, status or limits do not show here.
+        state = row["c_state"]
+        account = AccountRecord(
+            id=row["a_id"],
+            currency=row["a_currency"],
+            name=state["name"],
+            allow_negative_balance=row["a_allow_negative_balance"],
+            metadata=state["metadata"],
+            created_at=_timestamp(row["a_created_at"]),
+            debits_posted=state["debits_posted"],
+            credits_posted=state["credits_posted"],
+            pending_debits=state["pending_debits"],
+            pending_credits=state["pending_credits"],
+            entries_count=state["entries_count"],
+            status=state["status"],
+            overdraft_limit=state["overdraft_limit"],
+            max_balance=state["max_balance"],
+        )
     else:
+        # An account.created event written before revision 0008 (no history row): the
+        # account as opened, from its row.
         account = AccountRecord(
             id=row["a_id"],
             currency=row["a_currency"],
@@ -219,6 +244,9 @@ def _event(row: dict[str, Any]) -> EventRecord:
             pending_debits=0,
             pending_credits=0,
             entries_count=0,
+            status=row["a_status"],
+            overdraft_limit=row["a_overdraft_limit"],
+            max_balance=row["a_max_balance"],
         )
     return EventRecord(row["position"], kind, at, transfer, account)
 

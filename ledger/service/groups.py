@@ -66,6 +66,8 @@ logger = logging.getLogger("ledger.groups")
 # recorded all the same (and the disagreement is a bug to look at).
 CONSTRAINT_REFUSALS = {
     "ck_accounts_balance_not_negative": "insufficient_funds",
+    "ck_accounts_within_max_balance": "exceeds_max_balance",
+    "ck_accounts_closed_empty": "account_closed",
     "ck_transfers_accounts_different": "accounts_must_be_different",
 }
 

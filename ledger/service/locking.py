@@ -34,6 +34,9 @@ LOCKED_COLUMNS = (
     Account.entries_count,
     Account.last_entry_hash,
     Account.last_entry_at,
+    Account.status,
+    Account.overdraft_limit,
+    Account.max_balance,
 )
 
 DUE = "t.status = 'pending' AND t.expires_at <= clock_timestamp()"

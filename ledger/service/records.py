@@ -25,6 +25,9 @@ class AccountRecord:
     pending_debits: int
     pending_credits: int
     entries_count: int
+    status: str = "open"
+    overdraft_limit: int | None = None
+    max_balance: int | None = None
 
     @property
     def posted(self) -> int:
@@ -48,6 +51,9 @@ class AccountRecord:
             pending_debits=row["pending_debits"],
             pending_credits=row["pending_credits"],
             entries_count=row["entries_count"],
+            status=row["status"],
+            overdraft_limit=row["overdraft_limit"],
+            max_balance=row["max_balance"],
         )
 
 
@@ -75,6 +81,8 @@ class TransferRecord:
     # "credit" or "both"); None for every other row, and for refusals recorded before
     # revision 0006.
     missing_account: str | None = None
+    # A transfer loaded by a history import: the time it happened (= created_at).
+    imported_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TransferRecord:
@@ -98,6 +106,7 @@ class TransferRecord:
             reversal_of=row["reversal_of"],
             reversed_amount=row["reversed_amount"],
             missing_account=row["missing_account"],
+            imported_at=row.get("imported_at"),
         )
 
     def as_created(self) -> TransferRecord:
@@ -166,8 +175,9 @@ def created_record(
     """The row a decided transfer stores (`Writes.new_transfer`): answered from memory,
     never re-read."""
     return _stored(
-        request, status=plan.status, code=None, currency=plan.currency, created_at=plan.created_at,
-        expires_at=plan.expires_at, request_hash=fingerprint, reversal_of=reversal_of,
+        request, status=plan.status, code=None, currency=plan.currency,
+        created_at=plan.recorded_at or plan.created_at, expires_at=plan.expires_at, request_hash=fingerprint,
+        reversal_of=reversal_of, imported_at=request.imported_at,
     )  # fmt: skip
 
 
@@ -200,6 +210,7 @@ def _stored(
     request_hash: bytes,
     reversal_of: str | None = None,
     missing_account: str | None = None,
+    imported_at: datetime | None = None,
 ) -> TransferRecord:
     """A new transfer row, as stored."""
     return TransferRecord(
@@ -220,4 +231,5 @@ def _stored(
         expires_at=expires_at,
         reversal_of=reversal_of,
         missing_account=missing_account,
+        imported_at=imported_at,
     )

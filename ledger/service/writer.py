@@ -27,19 +27,21 @@ WRITE = text(
     WITH new_transfers AS (
         INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, pending, status, code,
                                description, metadata, request_hash, created_at, updated_at, timeout_seconds,
-                               expires_at, reversal_of, missing_account, seal, seal_key)
+                               expires_at, reversal_of, missing_account, imported_at, seal, seal_key)
         SELECT t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency, t.pending, t.status, t.code,
                t.description, t.metadata, t.request_hash, t.created_at, t.created_at, t.timeout_seconds,
-               t.expires_at, t.reversal_of, t.missing_account, t.seal, :seal_key
+               t.expires_at, t.reversal_of, t.missing_account, t.imported_at, t.seal, :seal_key
         FROM unnest(CAST(:t_ids AS text[]), CAST(:t_debit_account_ids AS text[]),
                     CAST(:t_credit_account_ids AS text[]), CAST(:t_amounts AS bigint[]),
                     CAST(:t_currencies AS text[]), CAST(:t_pendings AS boolean[]), CAST(:t_statuses AS text[]),
                     CAST(:t_codes AS text[]), CAST(:t_descriptions AS text[]), CAST(:t_metadata AS jsonb[]),
                     CAST(:t_request_hashes AS bytea[]), CAST(:t_created_ats AS timestamptz[]),
                     CAST(:t_timeouts AS integer[]), CAST(:t_expires_ats AS timestamptz[]),
-                    CAST(:t_reversal_ofs AS text[]), CAST(:t_missing_accounts AS text[]), CAST(:t_seals AS bytea[]))
+                    CAST(:t_reversal_ofs AS text[]), CAST(:t_missing_accounts AS text[]),
+                    CAST(:t_imported_ats AS timestamptz[]), CAST(:t_seals AS bytea[]))
              AS t(id, debit_account_id, credit_account_id, amount, currency, pending, status, code, description,
-                  metadata, request_hash, created_at, timeout_seconds, expires_at, reversal_of, missing_account, seal)
+                  metadata, request_hash, created_at, timeout_seconds, expires_at, reversal_of, missing_account,
+                  imported_at, seal)
         ON CONFLICT (id) DO NOTHING
         RETURNING id
     ), complete AS (
@@ -169,6 +171,7 @@ def write_parameters(writes: Writes, key: ChainKey) -> dict[str, Any]:
         "t_expires_ats": [t.expires_at for t in new],
         "t_reversal_ofs": [t.reversal_of for t in new],
         "t_missing_accounts": [t.missing_account for t in new],
+        "t_imported_ats": [t.imported_at for t in new],
         "t_seals": [transfer_seal(key, t) for t in new],
         "c_ids": [c.id for c in changes],
         "c_statuses": [c.status for c in changes],

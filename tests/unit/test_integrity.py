@@ -97,7 +97,7 @@ def test_a_transfer_seal_covers_every_field_and_its_key() -> None:
         "pending": False, "status": "voided", "code": "x", "description": "e", "metadata": {"x": "2"},
         "created_at": NOW + timedelta(microseconds=1), "updated_at": NOW, "request_hash": b"\x02" * 32,
         "timeout_seconds": 61, "expires_at": None, "posted_amount": 81, "reversal_of": "t0", "reversed_amount": 11,
-        "missing_account": "debit",
+        "missing_account": "debit", "imported_at": NOW - timedelta(days=1),
     }  # fmt: skip
     assert set(changes) == {f.name for f in dataclasses.fields(TransferRecord)}
     for field, value in changes.items():
@@ -125,6 +125,33 @@ def test_rows_sealed_before_missing_account_existed_still_verify() -> None:
     for other in ("debit", "both", None):
         changed = dataclasses.replace(named, missing_account=other)
         assert not seal_is_valid(keyring, "k1", stored, lambda k, c=changed: transfer_message(k, c)), other
+
+
+def test_account_seals_cover_status_and_limits_and_keep_older_seals() -> None:
+    """Revision 0008's controls are sealed only when they differ from an account's state
+    before it (open, no limits): an account sealed before keeps its seal (pinned from the
+    earlier code), and freezing, closing or setting a limit without the key breaks it."""
+    key = ChainKey("k1", b"\x05" * 32)
+    account = dataclasses.make_dataclass(
+        "A",
+        ["id", "currency", "name", "allow_negative_balance", "metadata", ("status", str, "open"),
+         ("overdraft_limit", int | None, None), ("max_balance", int | None, None)],
+    )  # fmt: skip
+    base = account("a", "EUR", None, False, {})
+    legacy = dataclasses.make_dataclass("L", ["id", "currency", "name", "allow_negative_balance", "metadata"])
+    assert account_message("k1", base) == account_message("k1", legacy("a", "EUR", None, False, {}))
+    reference = seal(key, account_message("k1", base))
+    changed = [
+        dataclasses.replace(base, status="frozen"),
+        dataclasses.replace(base, status="closed"),
+        dataclasses.replace(base, overdraft_limit=0),
+        dataclasses.replace(base, overdraft_limit=100),
+        dataclasses.replace(base, max_balance=0),
+        dataclasses.replace(base, max_balance=100),
+        dataclasses.replace(base, overdraft_limit=100, max_balance=100),
+    ]
+    seals = {seal(key, account_message("k1", c)) for c in changed}
+    assert reference not in seals and len(seals) == len(changed)
 
 
 def test_account_and_key_seals_cover_their_controls() -> None:
