@@ -121,6 +121,34 @@ async def test_every_endpoint_against_every_credential(auth_client: AsyncTestCli
             201,
             ("admin",),
         ),
+        # An overdraft lets money out of an account that holds none: admin only, like
+        # allow_negative_balance; a cap and a zero overdraft are anyone's who may open one.
+        (
+            "POST",
+            lambda: "/v1/accounts",
+            lambda: {"id": fresh(), "currency": "EUR", "overdraft_limit": 1},
+            201,
+            ("admin",),
+        ),
+        (
+            "POST",
+            lambda: "/v1/accounts",
+            lambda: {"id": fresh(), "currency": "EUR", "overdraft_limit": 0, "max_balance": 10},
+            201,
+            moving,
+        ),
+        ("PATCH", lambda: "/v1/accounts/m-user", lambda: {"name": fresh()}, 200, ("admin",)),
+        ("GET", lambda: "/v1/accounts/m-user/changes", None, 200, reading),
+        (
+            "POST",
+            lambda: "/v1/transfers",
+            lambda: {
+                "id": fresh(), "debit_account_id": "m-user", "credit_account_id": "m-bank", "amount": 1,
+                "imported_at": "2020-01-01T00:00:00Z",
+            },
+            422,  # an admin may import; this one is older than m-user's journal: imported_at_out_of_order
+            ("admin",),
+        ),  # fmt: skip
         ("GET", lambda: "/v1/accounts", None, 200, reading),
         ("GET", lambda: "/v1/accounts/m-user", None, 200, reading),
         ("GET", lambda: "/v1/accounts/m-user/entries", None, 200, reading),
@@ -147,6 +175,7 @@ async def test_every_endpoint_against_every_credential(auth_client: AsyncTestCli
         ("POST", lambda: "/v1/transfers/m-seed/void", lambda: {}, 409, moving),
         ("POST", lambda: "/v1/transfers/m-seed/reverse", lambda: {"id": fresh(), "amount": 1}, 201, moving),
         ("GET", lambda: "/v1/balances", None, 200, reading),
+        ("GET", lambda: "/v1/balances/aggregate?currency=EUR&metadata[tier]=gold", None, 200, reading),
         ("POST", lambda: "/v1/audit/verify", lambda: {}, 200, ("auditor", "admin")),
         ("GET", lambda: "/v1/keys", None, 200, ("admin",)),
         ("POST", lambda: "/v1/keys", lambda: {"role": "auditor", "name": "matrix"}, 201, ("admin",)),

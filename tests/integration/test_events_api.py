@@ -102,6 +102,30 @@ async def test_every_kind_of_change_makes_one_event_with_the_object_after_it(cli
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
+async def test_account_changes_are_events_with_the_account_as_it_was_then(client: AsyncTestClient, uid: str) -> None:
+    """`account.created` shows the account as opened and each `account.changed` the account
+    right after that change (status, limits, name, metadata and balances then), however
+    it changed later."""
+    start = await head(client)
+    bank, alice = f"bank-{uid}", f"alice-{uid}"
+    await open_account(client, bank, negative=True)
+    created = await client.post(
+        "/v1/accounts", json={"id": alice, "currency": "EUR", "name": "Alice", "max_balance": 500}
+    )
+    assert created.status_code == 201
+    assert (await transfer(client, f"dep-{uid}", bank, alice, 200)).status_code == 201
+    frozen = (await client.patch(f"/v1/accounts/{alice}", json={"status": "frozen", "name": "Alice F."})).json()
+    assert (await client.patch(f"/v1/accounts/{alice}", json={"status": "frozen"})).status_code == 200  # no change
+    await client.patch(f"/v1/accounts/{alice}", json={"status": "open", "max_balance": None, "metadata": {"k": "v"}})
+    events = [e for e in await settled(client, start, uid, 5) if e["data"]["id"] == alice]
+    assert [e["type"] for e in events] == ["account.created", "account.changed", "account.changed"]
+    assert events[0]["data"] == created.json()
+    assert events[1]["data"] == frozen
+    assert events[1]["data"]["balance"]["posted"] == 200 and events[1]["data"]["status"] == "frozen"
+    now = (await client.get(f"/v1/accounts/{alice}")).json()
+    assert events[2]["data"] == now and now["metadata"] == {"k": "v"} and now["max_balance"] is None
+
+
 async def test_filters_by_type_and_account_and_resumes_from_an_event_id(client: AsyncTestClient, uid: str) -> None:
     start = await head(client)
     bank, a, b = f"bank-{uid}", f"a-{uid}", f"b-{uid}"

@@ -1,7 +1,8 @@
 """A property-based model test: a small in-memory model of the ledger, written from the
 contract alone, and the real service are driven by the same random sequence of account
-openings, transfers (posted and pending), posts, voids, expiries, reversals, batches with
-linked chains and replays. After every step the statuses and codes the service answers
+openings (with overdraft limits and maximum balances), transfers (posted and pending),
+posts, voids, expiries, reversals, batches with linked chains, replays, and account
+changes (freeze, reopen, close, new limits). After every step the statuses and codes the service answers
 must be the model's, and so must the balances of the accounts involved; at the end every
 balance and every transfer's status is compared, and posted balances of each currency
 sum to zero."""
@@ -43,6 +44,14 @@ class ModelAccount:
     posted: int = 0
     pending_debits: int = 0
     pending_credits: int = 0
+    status: str = "open"
+    overdraft_limit: int | None = None
+    max_balance: int | None = None
+
+    def breaks(self, overdraft_limit: int | None, max_balance: int | None) -> bool:
+        """Whether the present balance is outside these limits."""
+        below = not self.negative and self.available < -(overdraft_limit or 0)
+        return below or (max_balance is not None and self.posted + self.pending_credits > max_balance)
 
     @property
     def available(self) -> int:
@@ -103,11 +112,17 @@ class LedgerMachine(RuleBasedStateMachine):
             return "accounts_must_be_different"
         if debit not in self.accounts or credit not in self.accounts:
             return "account_not_found"
+        for status in ("closed", "frozen"):
+            if status in (self.accounts[debit].status, self.accounts[credit].status):
+                return f"account_{status}"
         wanted = currency or self.accounts[debit].currency
         if self.accounts[debit].currency != wanted or self.accounts[credit].currency != wanted:
             return "currency_mismatch"
-        if not self.accounts[debit].negative and self.accounts[debit].available < amount:
+        source, target = self.accounts[debit], self.accounts[credit]
+        if not source.negative and source.available - amount < -(source.overdraft_limit or 0):
             return "insufficient_funds"
+        if target.max_balance is not None and target.posted + target.pending_credits + amount > target.max_balance:
+            return "exceeds_max_balance"
         return None
 
     def apply(self, transfer: ModelTransfer) -> None:
@@ -133,16 +148,61 @@ class LedgerMachine(RuleBasedStateMachine):
     @initialize()
     def open_houses(self) -> None:
         for currency in CURRENCIES:
-            self.open(currency, True)
+            self.open(currency, True, None, None)
 
-    @rule(currency=st.sampled_from(CURRENCIES), negative=st.booleans())
-    def open(self, currency: str, negative: bool) -> None:
+    @rule(
+        currency=st.sampled_from(CURRENCIES),
+        negative=st.booleans(),
+        overdraft_limit=st.one_of(st.none(), st.integers(0, 300)),
+        max_balance=st.one_of(st.none(), st.integers(0, 1500)),
+    )
+    def open(self, currency: str, negative: bool, overdraft_limit: int | None, max_balance: int | None) -> None:
         account_id = self.new_id("acct")
-        response = self.client.post(
-            "/v1/accounts", json={"id": account_id, "currency": currency, "allow_negative_balance": negative}
-        )
+        body = {"id": account_id, "currency": currency, "allow_negative_balance": negative}
+        body |= {"overdraft_limit": overdraft_limit, "max_balance": max_balance}
+        response = self.client.post("/v1/accounts", json=body)
         assert response.status_code == 201, response.text
-        self.accounts[account_id] = ModelAccount(currency, negative)
+        self.accounts[account_id] = ModelAccount(
+            currency, negative, overdraft_limit=overdraft_limit, max_balance=max_balance
+        )
+
+    @precondition(lambda self: self.accounts)
+    @rule(
+        data=st.data(),
+        status=st.one_of(st.none(), st.sampled_from(("open", "frozen", "closed"))),
+        overdraft_limit=st.one_of(st.just("same"), st.none(), st.integers(0, 300)),
+        max_balance=st.one_of(st.just("same"), st.none(), st.integers(0, 1500)),
+    )
+    def change(self, data: st.DataObject, status: str | None, overdraft_limit: object, max_balance: object) -> None:
+        """PATCH an account: freeze, reopen, close, new limits, or nothing new."""
+        account_id = data.draw(st.sampled_from(self.account_ids()))
+        account = self.accounts[account_id]
+        body: dict[str, object] = {}
+        if status is not None:
+            body["status"] = status
+        if overdraft_limit != "same":
+            body["overdraft_limit"] = overdraft_limit
+        if max_balance != "same":
+            body["max_balance"] = max_balance
+        new = {"status": account.status, "overdraft_limit": account.overdraft_limit,
+               "max_balance": account.max_balance, **body}  # fmt: skip
+        expected: tuple[int, str | None] = (200, None)
+        if new == {"status": account.status, "overdraft_limit": account.overdraft_limit,
+                   "max_balance": account.max_balance}:  # fmt: skip
+            expected = (200, None)
+        elif account.status == "closed":
+            expected = (409, "account_closed")
+        elif new["status"] == "closed" and (account.posted or account.pending_debits or account.pending_credits):
+            expected = (409, "account_not_empty")
+        elif account.breaks(new["overdraft_limit"], new["max_balance"]):  # type: ignore[arg-type]
+            expected = (409, "balance_outside_limits")
+        response = self.client.patch(f"/v1/accounts/{account_id}", json=body)
+        assert (response.status_code, response.json().get("code")) == expected, (account, body, response.text)
+        if expected[0] == 200:
+            account.status = new["status"]  # type: ignore[assignment]
+            account.overdraft_limit = new["overdraft_limit"]  # type: ignore[assignment]
+            account.max_balance = new["max_balance"]  # type: ignore[assignment]
+        self.touched.add(account_id)
 
     @rule(data=st.data(), amount=st.integers(1, 400), pending=st.booleans(), explicit_currency=st.booleans())
     def transfer(self, data: st.DataObject, amount: int, pending: bool, explicit_currency: bool) -> None:
@@ -352,7 +412,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def check_account(self, account_id: str) -> None:
         model = self.accounts[account_id]
-        balance = self.client.get(f"/v1/accounts/{account_id}").json()["balance"]
+        stored = self.client.get(f"/v1/accounts/{account_id}").json()
+        assert (stored["status"], stored["overdraft_limit"], stored["max_balance"]) == (
+            model.status, model.overdraft_limit, model.max_balance
+        ), account_id
+        balance = stored["balance"]
         assert balance == {
             "posted": model.posted,
             "pending_debits": model.pending_debits,
