@@ -119,7 +119,10 @@ class TransferCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ValueError("`imported_at` must carry a time zone offset (e.g. Z)")
             if self.pending:
                 raise ValueError("`imported_at` applies to posted transfers only (an import is of settled history)")
-            self.imported_at = self.imported_at.astimezone(UTC)
+            try:
+                self.imported_at = self.imported_at.astimezone(UTC)
+            except OverflowError as error:  # 0001-01-01T00:00:00+14:00 has no UTC form
+                raise ValueError("`imported_at` has no UTC form (before year 1 or after 9999)") from error
         for field in ("id", "debit_account_id", "credit_account_id"):
             _check_identifier(field, getattr(self, field))
         if self.currency is not None and not CURRENCY_RE.fullmatch(self.currency):

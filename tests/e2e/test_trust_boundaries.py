@@ -349,6 +349,14 @@ def test_hostile_bodies_and_paths_are_4xx_and_change_nothing(server_url: str, ui
     ):  # fmt: skip
         status, _, body = raw_exchange(server_url, request("POST", path, b'{"id": "\xff\xfe"}'))
         assert status == 400 and json.loads(body)["code"] == "validation_error", (path, body)
+    # The account controls' PATCH: bad UTF-8, a repeated key (which value would win?).
+    opened = raw_exchange(server_url, request("POST", "/v1/accounts", f'{{"id": "p-{uid}", "currency": "EUR"}}'.encode()))
+    assert opened[0] == 201
+    for patch in (b'{"name": "\xff\xfe"}', b'{"status": "frozen", "status": "open"}', b'{"status": "frozen"'):
+        status, _, body = raw_exchange(server_url, request("PATCH", f"/v1/accounts/p-{uid}", patch))
+        assert status == 400 and json.loads(body)["code"] == "validation_error", (patch, body)
+    status, _, body = raw_exchange(server_url, request("GET", f"/v1/accounts/p-{uid}", content_type=None))
+    assert json.loads(body)["status"] == "open" and json.loads(body)["name"] is None, "nothing changed"
 
     repeated = f'{{"id": "dup-{uid}", "currency": "EUR", "currency": "USD"}}'.encode()
     status, _, body = raw_exchange(server_url, request("POST", "/v1/accounts", repeated))
@@ -361,7 +369,10 @@ def test_hostile_bodies_and_paths_are_4xx_and_change_nothing(server_url: str, ui
             server_url, request("POST", "/v1/accounts", f'{{"id": "{dots}", "currency": "EUR"}}'.encode())
         )
         assert status == 400, (dots, body)
-    for path in ("/v1/accounts/./entries", "/v1/accounts/..", "/v1/accounts/../balance", "/v1/transfers/../void"):
+    for path in (
+        "/v1/accounts/./entries", "/v1/accounts/..", "/v1/accounts/../balance", "/v1/transfers/../void",
+        "/v1/accounts/../changes",
+    ):  # fmt: skip
         method = "POST" if path.endswith("void") else "GET"
         status, headers, body = raw_exchange(server_url, request(method, path, b"{}" if method == "POST" else b""))
         assert status == 400 and headers["content-type"] == "application/problem+json", (path, status, body)

@@ -104,6 +104,8 @@ async def test_oversized_bodies_are_413(client: AsyncTestClient) -> None:
         "/v1/transfers?status=lost",
         "/v1/transfers?account_id=bad%20id",
         "/v1/transfers?from=last-week",
+        "/v1/accounts/x/changes?limit=0",
+        "/v1/accounts/x/changes?limit=many",
     ],
 )
 async def test_invalid_query_parameters_are_400(client: AsyncTestClient, url: str) -> None:
@@ -121,6 +123,9 @@ async def test_forged_cursors_are_400(client: AsyncTestClient) -> None:
         "/v1/accounts/x/entries?cursor=" + encode_cursor([10**30]),
         "/v1/transfers?cursor=" + encode_cursor([2**62, "x"]),
         "/v1/transfers?cursor=" + encode_cursor([10**30, "x"]),
+        "/v1/accounts/x/changes?cursor=forged",
+        "/v1/accounts/x/changes?cursor=" + encode_cursor([10**30]),
+        "/v1/accounts/x/changes?cursor=" + encode_cursor(["x"]),
     ]
     for url in forged:
         assert_problem(await client.get(url), 400, "invalid_cursor")
@@ -137,6 +142,16 @@ async def test_forged_cursors_are_400(client: AsyncTestClient) -> None:
 )
 async def test_timestamps_without_a_utc_form_are_400(client: AsyncTestClient, url: str) -> None:
     assert_problem(await client.get(url), 400, "validation_error")
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "2026-02-30T00:00:00Z"])
+async def test_imported_at_without_a_utc_form_is_400_and_records_nothing(
+    client: AsyncTestClient, uid: str, moment: str
+) -> None:
+    body = {"id": f"imp-{uid}", "debit_account_id": "a", "credit_account_id": "b", "amount": 1, "imported_at": moment}
+    assert_problem(await client.post("/v1/transfers", json=body), 400, "validation_error")
+    assert_problem(await client.post("/v1/transfers/batch", json={"transfers": [body]}), 400, "validation_error")
+    assert (await client.get(f"/v1/transfers/imp-{uid}")).status_code == 404
 
 
 async def test_unknown_routes_and_methods_are_problems_too(client: AsyncTestClient) -> None:
