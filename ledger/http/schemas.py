@@ -70,9 +70,11 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
         _check_text(f"metadata.{key}", value)
 
 
+# `gt=-1` rather than `ge=0`: the same for integers, and Litestar's OpenAPI generator drops
+# a bound of 0 (falsy), which would publish negative limits as schema-valid.
 Limit = Annotated[
     int,
-    msgspec.Meta(ge=0, le=MAX_AMOUNT, description="Minor units, a JSON integer >= 0; null: no limit", examples=[50000]),
+    msgspec.Meta(gt=-1, le=MAX_AMOUNT, description="Minor units, a JSON integer >= 0; null: no limit", examples=[50000]),
 ]
 
 

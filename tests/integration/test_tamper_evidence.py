@@ -362,6 +362,45 @@ async def test_an_altered_checkpoint_file_is_reported_not_trusted(ledger: Ledger
     assert "checkpoint_invalid" in await ledger.codes()
 
 
+async def test_account_controls_changed_behind_the_service_do_not_verify(ledger: Ledger) -> None:
+    """The owner reopens a frozen account by hand; puts a cut credit line back with the
+    row's earlier seal; deletes a change; forges one: each is reported, precisely."""
+    await history(ledger)
+    client = ledger.client
+    assert (await client.patch("/v1/accounts/alice", json={"overdraft_limit": 500})).status_code == 200
+    old = await _account_row(ledger, "alice")
+    assert (await client.patch("/v1/accounts/alice", json={"overdraft_limit": 0})).status_code == 200
+    assert (await client.patch("/v1/accounts/alice", json={"status": "frozen"})).status_code == 200
+    assert (await ledger.verify())["ok"]
+
+    await ledger.owner_sql("UPDATE accounts SET status = 'open' WHERE id = 'alice'")
+    assert {"account_seal_mismatch", "change_history_mismatch"} <= await ledger.codes()
+    # Back to the validly sealed row of the generous limit: the seal holds, the history does not.
+    await ledger.owner_sql(
+        "UPDATE accounts SET status = :status, overdraft_limit = :limit, seal = :seal WHERE id = 'alice'",
+        status=old["status"], limit=old["overdraft_limit"], seal=old["seal"],
+    )  # fmt: skip
+    codes = await ledger.codes()
+    assert "change_history_mismatch" in codes and "account_seal_mismatch" not in codes, codes
+
+    await ledger.owner_sql("DELETE FROM account_changes WHERE account_id = 'alice' AND sequence = 2")
+    assert {"change_sequence_gap", "change_hash_mismatch"} <= await ledger.codes()
+    await ledger.owner_sql(
+        "INSERT INTO account_changes (account_id, sequence, changed_at, changed_by, before, after, state, hash, key_id) "
+        "SELECT account_id, 2, changed_at, changed_by, before, after, state, hash, key_id FROM account_changes "
+        "WHERE account_id = 'alice' AND sequence = 1"
+    )
+    assert "change_hash_mismatch" in await ledger.codes()
+
+
+async def _account_row(ledger: Ledger, account_id: str) -> dict[str, Any]:
+    async with ledger.owner.connect() as connection:
+        row = await connection.execute(
+            text("SELECT status, overdraft_limit, seal FROM accounts WHERE id = :id"), {"id": account_id}
+        )
+        return dict(row.mappings().one())
+
+
 async def test_the_serving_role_cannot_rewrite_history(ledger: Ledger) -> None:
     """As the role the service serves with (a member of ledger_service): the journal can
     only be read and appended to, transfers' identifying fields and accounts' controls
