@@ -20,9 +20,10 @@ See `ledger.client.errors` for the exceptions.
 """
 
 from ledger.client._core import USER_AGENT, VERSION, new_id
-from ledger.client.clients import AsyncLedgerClient, LedgerClient
+from ledger.client.clients import UNSET, AsyncLedgerClient, LedgerClient
 from ledger.client.errors import (
     CODE_CLASSES,
+    AccountChangeRefused,
     AccountExistsWithDifferentFields,
     AccountNotFound,
     Conflict,
@@ -54,6 +55,8 @@ from ledger.client.errors import (
 from ledger.client.models import (
     Account,
     AccountBalance,
+    AccountChange,
+    AggregateBalance,
     ApiKey,
     AuditCheckpoint,
     AuditProblem,
@@ -79,12 +82,16 @@ from ledger.client.webhooks import verify_signature
 
 __all__ = [
     "CODE_CLASSES",
+    "UNSET",
     "USER_AGENT",
     "VERSION",
     "Account",
     "AccountBalance",
+    "AccountChange",
+    "AccountChangeRefused",
     "AccountExistsWithDifferentFields",
     "AccountNotFound",
+    "AggregateBalance",
     "ApiKey",
     "AsyncLedgerClient",
     "AuditCheckpoint",

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, NoReturn, TypeVar
 from urllib.parse import quote
 
@@ -339,6 +339,7 @@ def _decoder(kind: type[T]) -> Callable[[httpx.Response, bool], T]:
 
 
 _account = _decoder(models.Account)
+_changes = _decoder(models.Page[models.AccountChange])
 _transfer = _decoder(models.Transfer)
 _accounts = _decoder(models.Page[models.Account])
 _transfers = _decoder(models.Page[models.Transfer])
@@ -354,6 +355,8 @@ def create_account(
     name: str | None,
     allow_negative_balance: bool,
     metadata: Mapping[str, str] | None,
+    overdraft_limit: int | None = None,
+    max_balance: int | None = None,
 ) -> Call[models.Account]:
     account_id = id or new_id()
     body = _body(
@@ -363,6 +366,10 @@ def create_account(
             "name": name,
             "allow_negative_balance": allow_negative_balance or None,
             "metadata": dict(metadata) if metadata is not None else None,
+            # Account controls (contract 1.1): left out when not given, so a server
+            # without them still takes every other account.
+            "overdraft_limit": overdraft_limit,
+            "max_balance": max_balance,
         }
     )
     return Call("create_account", "POST", "/v1/accounts", _account, body=body, writes=True, ids=(account_id,))
@@ -372,10 +379,43 @@ def get_account(account_id: str) -> Call[models.Account]:
     return Call("get_account", "GET", f"/v1/accounts/{_segment(account_id)}", _account)
 
 
-def list_accounts(*, currency: str | None, limit: int | None, cursor: str | None) -> Call[models.Page[models.Account]]:
+def update_account(account_id: str, changes: Mapping[str, Any]) -> Call[models.Account]:
+    """PATCH: only the fields given change. Repeating it is safe: values an account
+    already has change nothing."""
+    if not changes:
+        raise ValueError("nothing to change: give status, overdraft_limit, max_balance, name or metadata")
     return Call(
-        "list_accounts", "GET", "/v1/accounts", _accounts, params=_params(currency=currency, limit=limit, cursor=cursor)
-    )
+        "update_account", "PATCH", f"/v1/accounts/{_segment(account_id)}", _account,
+        body=_encoder.encode(dict(changes)), writes=True, ids=(account_id,),
+    )  # fmt: skip
+
+
+def list_account_changes(
+    account_id: str, *, limit: int | None, cursor: str | None
+) -> Call[models.Page[models.AccountChange]]:
+    return Call(
+        "list_account_changes", "GET", f"/v1/accounts/{_segment(account_id)}/changes", _changes,
+        params=_params(limit=limit, cursor=cursor),
+    )  # fmt: skip
+
+
+def list_accounts(
+    *, currency: str | None, limit: int | None, cursor: str | None, metadata: Mapping[str, str] | None = None
+) -> Call[models.Page[models.Account]]:
+    params = {**_params(currency=currency, limit=limit, cursor=cursor), **_metadata_params(metadata)}
+    return Call("list_accounts", "GET", "/v1/accounts", _accounts, params=params)
+
+
+def _metadata_params(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """A metadata filter as the API's `metadata[KEY]=VALUE` parameters (every pair must
+    match). The server checks the limits; a value that is not a string is refused here,
+    as `str()` of it would silently filter on something else."""
+    params: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata filters are strings to strings, got {key!r}: {value!r}")
+        params[f"metadata[{key}]"] = value
+    return params
 
 
 def transfer_fields(
@@ -389,6 +429,7 @@ def transfer_fields(
     timeout_seconds: int | None,
     description: str | None,
     metadata: Mapping[str, str] | None,
+    imported_at: datetime | None = None,
 ) -> dict[str, Any]:
     if isinstance(amount, bool) or not isinstance(amount, int):
         # Money is an integer of minor units; a float would be refused by the server, but
@@ -404,7 +445,16 @@ def transfer_fields(
         "timeout_seconds": timeout_seconds,
         "description": description,
         "metadata": dict(metadata) if metadata is not None else None,
+        # History import (contract 1.1, admin only): the time the transfer's entries carry.
+        "imported_at": _utc_timestamp(imported_at) if imported_at is not None else None,
     }
+
+
+def _utc_timestamp(moment: datetime) -> str:
+    """The contract's form of a timestamp in a body: RFC 3339 in UTC with microseconds."""
+    if moment.tzinfo is None:
+        raise ValueError("timestamps need a time zone (the ledger will not guess one): use datetime.now(UTC)")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def create_transfer(**fields: Any) -> Call[models.Transfer]:
@@ -428,6 +478,7 @@ def create_batch(transfers: Sequence[models.NewTransfer | Mapping[str, Any]]) ->
             timeout_seconds=given.get("timeout_seconds"),
             description=given.get("description"),
             metadata=given.get("metadata"),
+            imported_at=given.get("imported_at"),
         )
         items.append({key: value for key, value in {**item, "linked": linked or None}.items() if value is not None})
     ids = tuple(item["id"] for item in items)
@@ -458,8 +509,10 @@ def list_transfers(
     end: datetime | None,
     limit: int | None,
     cursor: str | None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Call[models.Page[models.Transfer]]:
     params = _params(account_id=account_id, status=status, from_=start, to=end, limit=limit, cursor=cursor)
+    params.update(_metadata_params(metadata))
     return Call("list_transfers", "GET", "/v1/transfers", _transfers, params=params)
 
 
@@ -526,6 +579,13 @@ def trial_balance(*, currency: str | None, as_of: datetime | None) -> Call[model
         _decoder(models.TrialBalance),
         params=_params(currency=currency, as_of=as_of),
     )
+
+
+def aggregate_balances(
+    currency: str, *, metadata: Mapping[str, str] | None, as_of: datetime | None
+) -> Call[models.AggregateBalance]:
+    params = {**_params(currency=currency, as_of=as_of), **_metadata_params(metadata)}
+    return Call("aggregate_balances", "GET", "/v1/balances/aggregate", _decoder(models.AggregateBalance), params=params)
 
 
 def audit_verify(*, account_id: str | None) -> Call[models.AuditReport]:

@@ -15,8 +15,10 @@ import httpx
 from ledger.client import _core
 from ledger.client._core import Attempts, Call, Done, Settings
 from ledger.client.models import (
+    AccountChange,
     Account,
     AccountBalance,
+    AggregateBalance,
     ApiKey,
     AuditReport,
     BatchResult,
@@ -36,6 +38,21 @@ from ledger.client.models import (
 
 T = TypeVar("T")
 
+
+
+class Unset:
+    """The default of `update_account`'s fields: not sent, so not changed (None is sent:
+    it removes a limit or the name)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = Unset()
+
+
+def _changes(**fields: Any) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if value is not UNSET}
 
 class _Base:
     def __init__(
@@ -120,26 +137,69 @@ class LedgerClient(_Base):
         name: str | None = None,
         allow_negative_balance: bool = False,
         metadata: Mapping[str, str] | None = None,
+        overdraft_limit: int | None = None,
+        max_balance: int | None = None,
     ) -> Account:
         """Open an account (idempotent by `id`, generated when not given; `replayed` is
         True when it already existed with these fields)."""
         return self._run(
             _core.create_account(
-                currency, id=id, name=name, allow_negative_balance=allow_negative_balance, metadata=metadata
+                currency,
+                id=id,
+                name=name,
+                allow_negative_balance=allow_negative_balance,
+                metadata=metadata,
+                overdraft_limit=overdraft_limit,
+                max_balance=max_balance,
             )
         )
 
     def get_account(self, account_id: str) -> Account:
         return self._run(_core.get_account(account_id))
 
-    def list_accounts(
-        self, *, currency: str | None = None, limit: int | None = None, cursor: str | None = None
-    ) -> Page[Account]:
-        return self._run(_core.list_accounts(currency=currency, limit=limit, cursor=cursor))
+    def update_account(
+        self,
+        account_id: str,
+        *,
+        status: str | Unset = UNSET,
+        overdraft_limit: int | None | Unset = UNSET,
+        max_balance: int | None | Unset = UNSET,
+        name: str | None | Unset = UNSET,
+        metadata: Mapping[str, str] | Unset = UNSET,
+    ) -> Account:
+        """Change an account (admin key): `status` ("open", "frozen", "closed"), limits
+        (None removes one), `name`, `metadata` (replaced whole). Only what is given changes."""
+        changes = _changes(status=status, overdraft_limit=overdraft_limit, max_balance=max_balance, name=name,
+                           metadata=metadata)  # fmt: skip
+        return self._run(_core.update_account(account_id, changes))
 
-    def iter_accounts(self, *, currency: str | None = None, page_size: int | None = None) -> Iterator[Account]:
+    def list_account_changes(
+        self, account_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[AccountChange]:
+        return self._run(_core.list_account_changes(account_id, limit=limit, cursor=cursor))
+
+    def iter_account_changes(self, account_id: str, *, page_size: int | None = None) -> Iterator[AccountChange]:
+        """Every change of the account, oldest first."""
+        return self._iterate(lambda cursor: _core.list_account_changes(account_id, limit=page_size, cursor=cursor))
+
+    def list_accounts(
+        self,
+        *,
+        currency: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Account]:
+        """One page of accounts by id; `metadata` keeps those whose metadata holds every pair."""
+        return self._run(_core.list_accounts(currency=currency, limit=limit, cursor=cursor, metadata=metadata))
+
+    def iter_accounts(
+        self, *, currency: str | None = None, metadata: Mapping[str, str] | None = None, page_size: int | None = None
+    ) -> Iterator[Account]:
         """Every account (by id), page after page."""
-        return self._iterate(lambda cursor: _core.list_accounts(currency=currency, limit=page_size, cursor=cursor))
+        return self._iterate(
+            lambda cursor: _core.list_accounts(currency=currency, limit=page_size, cursor=cursor, metadata=metadata)
+        )
 
     # -- transfers ----------------------------------------------------------------------
 
@@ -155,6 +215,7 @@ class LedgerClient(_Base):
         timeout_seconds: int | None = None,
         description: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        imported_at: datetime | None = None,
     ) -> Transfer:
         """Move `amount` minor units, once per `id` (generated when not given: read it
         back from the result). Raises `Refused` (e.g. `InsufficientFunds`) for a recorded
@@ -170,6 +231,7 @@ class LedgerClient(_Base):
                 timeout_seconds=timeout_seconds,
                 description=description,
                 metadata=metadata,
+                imported_at=imported_at,
             )
         )
 
@@ -188,12 +250,21 @@ class LedgerClient(_Base):
         status: str | None = None,
         start: datetime | None = None,
         end: datetime | None = None,
+        metadata: Mapping[str, str] | None = None,
         limit: int | None = None,
         cursor: str | None = None,
     ) -> Page[Transfer]:
         """Transfers oldest first; `start`/`end` are the inclusive `from`/`to` bounds."""
         return self._run(
-            _core.list_transfers(account_id=account_id, status=status, start=start, end=end, limit=limit, cursor=cursor)
+            _core.list_transfers(
+                account_id=account_id,
+                status=status,
+                start=start,
+                end=end,
+                limit=limit,
+                cursor=cursor,
+                metadata=metadata,
+            )
         )
 
     def iter_transfers(
@@ -203,11 +274,18 @@ class LedgerClient(_Base):
         status: str | None = None,
         start: datetime | None = None,
         end: datetime | None = None,
+        metadata: Mapping[str, str] | None = None,
         page_size: int | None = None,
     ) -> Iterator[Transfer]:
         return self._iterate(
             lambda cursor: _core.list_transfers(
-                account_id=account_id, status=status, start=start, end=end, limit=page_size, cursor=cursor
+                account_id=account_id,
+                status=status,
+                start=start,
+                end=end,
+                limit=page_size,
+                cursor=cursor,
+                metadata=metadata,
             )
         )
 
@@ -255,6 +333,14 @@ class LedgerClient(_Base):
 
     def trial_balance(self, *, currency: str | None = None, as_of: datetime | None = None) -> TrialBalance:
         return self._run(_core.trial_balance(currency=currency, as_of=as_of))
+
+    def aggregate_balances(
+        self, currency: str, metadata: Mapping[str, str] | None = None, as_of: datetime | None = None
+    ) -> AggregateBalance:
+        """Balances summed over the accounts of `currency` whose metadata holds every pair
+        of `metadata` (all of them without), now or as of `as_of` (not in the future),
+        from one snapshot."""
+        return self._run(_core.aggregate_balances(currency, metadata=metadata, as_of=as_of))
 
     def audit_verify(self, *, account_id: str | None = None) -> AuditReport:
         return self._run(_core.audit_verify(account_id=account_id))
@@ -421,23 +507,62 @@ class AsyncLedgerClient(_Base):
         name: str | None = None,
         allow_negative_balance: bool = False,
         metadata: Mapping[str, str] | None = None,
+        overdraft_limit: int | None = None,
+        max_balance: int | None = None,
     ) -> Account:
         return await self._run(
             _core.create_account(
-                currency, id=id, name=name, allow_negative_balance=allow_negative_balance, metadata=metadata
+                currency,
+                id=id,
+                name=name,
+                allow_negative_balance=allow_negative_balance,
+                metadata=metadata,
+                overdraft_limit=overdraft_limit,
+                max_balance=max_balance,
             )
         )
 
     async def get_account(self, account_id: str) -> Account:
         return await self._run(_core.get_account(account_id))
 
-    async def list_accounts(
-        self, *, currency: str | None = None, limit: int | None = None, cursor: str | None = None
-    ) -> Page[Account]:
-        return await self._run(_core.list_accounts(currency=currency, limit=limit, cursor=cursor))
+    async def update_account(
+        self,
+        account_id: str,
+        *,
+        status: str | Unset = UNSET,
+        overdraft_limit: int | None | Unset = UNSET,
+        max_balance: int | None | Unset = UNSET,
+        name: str | None | Unset = UNSET,
+        metadata: Mapping[str, str] | Unset = UNSET,
+    ) -> Account:
+        changes = _changes(status=status, overdraft_limit=overdraft_limit, max_balance=max_balance, name=name,
+                           metadata=metadata)  # fmt: skip
+        return await self._run(_core.update_account(account_id, changes))
 
-    def iter_accounts(self, *, currency: str | None = None, page_size: int | None = None) -> AsyncIterator[Account]:
-        return self._iterate(lambda cursor: _core.list_accounts(currency=currency, limit=page_size, cursor=cursor))
+    async def list_account_changes(
+        self, account_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[AccountChange]:
+        return await self._run(_core.list_account_changes(account_id, limit=limit, cursor=cursor))
+
+    def iter_account_changes(self, account_id: str, *, page_size: int | None = None) -> AsyncIterator[AccountChange]:
+        return self._iterate(lambda cursor: _core.list_account_changes(account_id, limit=page_size, cursor=cursor))
+
+    async def list_accounts(
+        self,
+        *,
+        currency: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Account]:
+        return await self._run(_core.list_accounts(currency=currency, limit=limit, cursor=cursor, metadata=metadata))
+
+    def iter_accounts(
+        self, *, currency: str | None = None, metadata: Mapping[str, str] | None = None, page_size: int | None = None
+    ) -> AsyncIterator[Account]:
+        return self._iterate(
+            lambda cursor: _core.list_accounts(currency=currency, limit=page_size, cursor=cursor, metadata=metadata)
+        )
 
     # -- transfers ----------------------------------------------------------------------
 
@@ -453,6 +578,7 @@ class AsyncLedgerClient(_Base):
         timeout_seconds: int | None = None,
         description: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        imported_at: datetime | None = None,
     ) -> Transfer:
         return await self._run(
             _core.create_transfer(
@@ -465,6 +591,7 @@ class AsyncLedgerClient(_Base):
                 timeout_seconds=timeout_seconds,
                 description=description,
                 metadata=metadata,
+                imported_at=imported_at,
             )
         )
 
@@ -481,11 +608,20 @@ class AsyncLedgerClient(_Base):
         status: str | None = None,
         start: datetime | None = None,
         end: datetime | None = None,
+        metadata: Mapping[str, str] | None = None,
         limit: int | None = None,
         cursor: str | None = None,
     ) -> Page[Transfer]:
         return await self._run(
-            _core.list_transfers(account_id=account_id, status=status, start=start, end=end, limit=limit, cursor=cursor)
+            _core.list_transfers(
+                account_id=account_id,
+                status=status,
+                start=start,
+                end=end,
+                limit=limit,
+                cursor=cursor,
+                metadata=metadata,
+            )
         )
 
     def iter_transfers(
@@ -495,11 +631,18 @@ class AsyncLedgerClient(_Base):
         status: str | None = None,
         start: datetime | None = None,
         end: datetime | None = None,
+        metadata: Mapping[str, str] | None = None,
         page_size: int | None = None,
     ) -> AsyncIterator[Transfer]:
         return self._iterate(
             lambda cursor: _core.list_transfers(
-                account_id=account_id, status=status, start=start, end=end, limit=page_size, cursor=cursor
+                account_id=account_id,
+                status=status,
+                start=start,
+                end=end,
+                limit=page_size,
+                cursor=cursor,
+                metadata=metadata,
             )
         )
 
@@ -542,6 +685,11 @@ class AsyncLedgerClient(_Base):
 
     async def trial_balance(self, *, currency: str | None = None, as_of: datetime | None = None) -> TrialBalance:
         return await self._run(_core.trial_balance(currency=currency, as_of=as_of))
+
+    async def aggregate_balances(
+        self, currency: str, metadata: Mapping[str, str] | None = None, as_of: datetime | None = None
+    ) -> AggregateBalance:
+        return await self._run(_core.aggregate_balances(currency, metadata=metadata, as_of=as_of))
 
     async def audit_verify(self, *, account_id: str | None = None) -> AuditReport:
         return await self._run(_core.audit_verify(account_id=account_id))

@@ -13,7 +13,10 @@
     │   │   └── WebhookNotFound      404 webhook_not_found
     │   ├── Conflict                 409
     │   │   ├── AccountExistsWithDifferentFields
-    │   │   └── TransferExistsWithDifferentFields
+    │   │   ├── TransferExistsWithDifferentFields
+    │   │   └── AccountChangeRefused 409 account_not_empty, account_closed,
+    │   │                            balance_outside_limits: an update_account that
+    │   │                            cannot be made (nothing changed)
     │   ├── Refused                  a transfer's recorded refusal (404/422 carrying
     │   │   │                        `transfer_id`): its outcome, forever
     │   │   └── InsufficientFunds    422 insufficient_funds
@@ -146,6 +149,12 @@ class AccountExistsWithDifferentFields(Conflict):
     pass
 
 
+class AccountChangeRefused(Conflict):
+    """An account change that cannot be made: closing an account that holds money or
+    reservations, changing a closed one, a limit its balance already breaks. (A transfer
+    refused with `account_closed` raises `Refused`: it carries a `transfer_id`.)"""
+
+
 class TransferExistsWithDifferentFields(Conflict):
     pass
 
@@ -253,6 +262,9 @@ CODE_CLASSES: dict[str, type[ProblemError]] = {
     "webhook_not_found": WebhookNotFound,
     "account_exists_with_different_fields": AccountExistsWithDifferentFields,
     "transfer_exists_with_different_fields": TransferExistsWithDifferentFields,
+    "account_not_empty": AccountChangeRefused,
+    "account_closed": AccountChangeRefused,
+    "balance_outside_limits": AccountChangeRefused,
     "transfer_not_pending": DecisionRefused,
     "pending_transfer_expired": DecisionRefused,
     "pending_transfer_already_posted": DecisionRefused,

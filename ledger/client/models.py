@@ -62,6 +62,9 @@ class Transfer(msgspec.Struct, kw_only=True):
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     created_at: datetime
     updated_at: datetime
+    # History import (contract 1.1): when the transfer happened in the system it came
+    # from, the time its entries carry; None for transfers made here.
+    imported_at: datetime | None = None
     # Set by the client: True when the server answered with the outcome it had recorded
     # for this id before (`Idempotent-Replayed: true`).
     replayed: bool = False
@@ -112,6 +115,19 @@ class CurrencyTotals(msgspec.Struct, kw_only=True):
 class TrialBalance(msgspec.Struct, kw_only=True):
     as_of: datetime
     balances: list[CurrencyTotals]
+
+
+class AggregateBalance(msgspec.Struct, kw_only=True):
+    """Balances summed over the matching accounts of one currency (`GET
+    /v1/balances/aggregate`); the sums are Python ints of any size."""
+
+    currency: str
+    accounts: int
+    posted: int
+    pending_debits: int
+    pending_credits: int
+    available: int
+    as_of: datetime
 
 
 class AuditProblem(msgspec.Struct, kw_only=True):
@@ -234,6 +250,20 @@ class Health(msgspec.Struct, kw_only=True):
     checks: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class AccountChange(msgspec.Struct, kw_only=True):
+    """One change of an account (`GET /v1/accounts/{id}/changes`): which fields, their
+    values before and after, when and by which key."""
+
+    account_id: str
+    sequence: int
+    changed_at: datetime
+    changed_by: str | None = None
+    fields: list[str]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    hash: str
+
+
 class Page(msgspec.Struct, Generic[T], kw_only=True):
     data: list[T]
     next_cursor: str | None = None
@@ -254,3 +284,5 @@ class NewTransfer:
     description: str | None = None
     metadata: dict[str, str] | None = None
     linked: bool = False
+    # History import (admin only): the time the transfer's entries carry instead of now.
+    imported_at: datetime | None = None

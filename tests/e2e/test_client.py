@@ -26,6 +26,7 @@ import msgspec
 import pytest
 
 from ledger.client import (
+    AccountChangeRefused,
     USER_AGENT,
     AccountExistsWithDifferentFields,
     AccountNotFound,
@@ -301,6 +302,33 @@ async def test_async_client_round_trips_and_iterates(server_url: str, uid: str) 
         assert batch.results[0].status == "created"
         with pytest.raises(TransferNotFound):
             await ledger.get_transfer(f"missing-{uid}")
+
+
+def test_account_controls_round_trip(ledger: LedgerClient, uid: str) -> None:
+    """Limits at opening, update_account (only the fields given; None removes a limit),
+    the history, refusals as `Refused` and impossible changes as `AccountChangeRefused`."""
+    bank, alice, shop = open_funded(ledger, uid, funds=100)
+    wallet = ledger.create_account("EUR", id=f"wallet-{uid}", max_balance=50, overdraft_limit=0)
+    assert (wallet.status, wallet.max_balance, wallet.overdraft_limit) == ("open", 50, 0)
+    with pytest.raises(Refused) as capped:
+        ledger.create_transfer(alice, wallet.id, 51, id=f"cap-{uid}")
+    assert capped.value.code == "exceeds_max_balance" and capped.value.transfer_id == f"cap-{uid}"
+    frozen = ledger.update_account(alice, status="frozen", name="Alice")
+    assert (frozen.status, frozen.name, frozen.max_balance) == ("frozen", "Alice", None)
+    with pytest.raises(Refused) as refused:
+        ledger.create_transfer(alice, shop, 1, id=f"out-{uid}")
+    assert refused.value.code == "account_frozen"
+    with pytest.raises(AccountChangeRefused) as not_empty:
+        ledger.update_account(alice, status="closed")
+    assert not_empty.value.code == "account_not_empty"
+    assert ledger.update_account(wallet.id, max_balance=None).max_balance is None
+    changes = list(ledger.iter_account_changes(alice, page_size=1))
+    assert [(c.fields, c.before, c.after) for c in changes] == [
+        (["status", "name"], {"status": "open", "name": None}, {"status": "frozen", "name": "Alice"})
+    ]
+    assert changes[0].changed_by == "LEDGER_ADMIN_KEY"
+    with pytest.raises(ValueError):
+        ledger.update_account(alice)
 
 
 def test_following_the_feed_resumes_from_a_stored_event_id(ledger: LedgerClient, uid: str) -> None:
