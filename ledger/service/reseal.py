@@ -22,7 +22,7 @@ from ledger.integrity import Keyring, account_message, api_key_message, seal, tr
 from ledger.service.records import TransferRecord
 
 TABLES = {
-    "accounts": "SELECT id, currency, name, allow_negative_balance, metadata FROM accounts",
+    "accounts": "SELECT id, currency, name, allow_negative_balance, metadata, status, overdraft_limit, max_balance FROM accounts",
     "transfers": "SELECT * FROM transfers",
     "api_keys": "SELECT id, role, key_hash FROM api_keys",
 }

@@ -315,6 +315,8 @@ async def test_a_revoked_chain_key_vouches_only_for_what_a_checkpoint_pinned(led
     journals, key 1 is marked revoked. What the checkpoint pinned still verifies; an entry
     forged under key 1 after it does not."""
     await history(ledger)
+    # An account with controls: its seal covers them, and the reseal must too.
+    assert (await ledger.client.patch("/v1/accounts/shop", json={"max_balance": 10**9})).status_code == 200
     await ledger.checkpoint()
     old = provision.KEYRING.active
     new = new_chain_key()
