@@ -555,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     for option, dest in (("--from", "start"), ("--to", "end")):
         statement_parser.add_argument(option, dest=dest, metavar="TIMESTAMP", help="RFC 3339 with an offset, inclusive")
     statement_parser.add_argument("--format", choices=["text", "csv"], default="text", help="default: text")
+    import_parser = commands.add_parser(
+        "import", help="load a transfer history (CSV or JSON lines) into a running service, resumably (ledger.importer)"
+    )
+    from ledger import importer
+
+    importer.add_arguments(import_parser)
     db_parser = commands.add_parser("db", help="the embedded PostgreSQL (LEDGER_DATA_DIR)")
     db_commands = db_parser.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("status", help="is it running, on which port, and who owns it (exit 3: not running)")
@@ -611,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
             if arguments.audit_command == "rotate-chain-key":
                 return audit_rotate(settings)
             return audit_reseal(settings)
+        if arguments.command == "import":
+            return importer.run(settings, arguments)
         if arguments.command == "statement":
             from ledger import statement
 

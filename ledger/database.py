@@ -86,6 +86,12 @@ def server_settings(settings: Settings) -> dict[str, str]:
         # default for the first five, and whenever a custom plan looks cheaper) cost a
         # quarter of PostgreSQL's CPU per transfer (0.83 -> 0.62 ms, loadtest/README.md).
         "plan_cache_mode": "force_generic_plan",
+        # No statement of the service is long enough to gain from JIT compilation, and a
+        # generic plan over tables without statistics yet (a history just imported, a
+        # server without autovacuum) can look expensive enough to trigger it: verification
+        # paged at 0.5-1 s per page of 500 transfers, compiling each, against 15-50 ms
+        # without (seen importing 100,000 transfers, tests/e2e/test_import.py).
+        "jit": "off",
     }
 
 
