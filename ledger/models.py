@@ -226,6 +226,7 @@ class Transfer(Base):
             "expires_at",
             postgresql_where=text("status = 'pending'"),
         ),
+        Index("ix_transfers_pending_updated_at", "updated_at", postgresql_where=text("pending")),
         Index("ix_transfers_reversal_of", "reversal_of", postgresql_where=text("reversal_of IS NOT NULL")),
     )
 

@@ -15,9 +15,9 @@ import httpx
 from ledger.client import _core
 from ledger.client._core import Attempts, Call, Done, Settings
 from ledger.client.models import (
-    AccountChange,
     Account,
     AccountBalance,
+    AccountChange,
     AggregateBalance,
     ApiKey,
     AuditReport,
@@ -39,7 +39,6 @@ from ledger.client.models import (
 T = TypeVar("T")
 
 
-
 class Unset:
     """The default of `update_account`'s fields: not sent, so not changed (None is sent:
     it removes a limit or the name)."""
@@ -53,6 +52,7 @@ UNSET = Unset()
 
 def _changes(**fields: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not UNSET}
+
 
 class _Base:
     def __init__(
@@ -162,9 +162,9 @@ class LedgerClient(_Base):
         account_id: str,
         *,
         status: str | Unset = UNSET,
-        overdraft_limit: int | None | Unset = UNSET,
-        max_balance: int | None | Unset = UNSET,
-        name: str | None | Unset = UNSET,
+        overdraft_limit: int | Unset | None = UNSET,
+        max_balance: int | Unset | None = UNSET,
+        name: str | Unset | None = UNSET,
         metadata: Mapping[str, str] | Unset = UNSET,
     ) -> Account:
         """Change an account (admin key): `status` ("open", "frozen", "closed"), limits
@@ -530,9 +530,9 @@ class AsyncLedgerClient(_Base):
         account_id: str,
         *,
         status: str | Unset = UNSET,
-        overdraft_limit: int | None | Unset = UNSET,
-        max_balance: int | None | Unset = UNSET,
-        name: str | None | Unset = UNSET,
+        overdraft_limit: int | Unset | None = UNSET,
+        max_balance: int | Unset | None = UNSET,
+        name: str | Unset | None = UNSET,
         metadata: Mapping[str, str] | Unset = UNSET,
     ) -> Account:
         changes = _changes(status=status, overdraft_limit=overdraft_limit, max_balance=max_balance, name=name,

@@ -1,4 +1,5 @@
-"""Audit endpoints: journal verification and the trial balance."""
+"""Audit endpoints: journal verification, the trial balance and balances aggregated over
+accounts (`/v1/balances/aggregate`, ledger.service.metadata)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.errors import InvalidRequest, Overloaded
 from ledger.http.auth import AUDIT, READ
+from ledger.http.metadata import metadata_filter
 from ledger.http.problems import READ_PROBLEMS, documented
 from ledger.http.routes import _optional_body, _timestamp
 from ledger.http.schemas import (
     CURRENCY_RE,
+    AggregateBalanceOut,
     AuditProblemOut,
     AuditReportOut,
     AuditVerify,
@@ -27,13 +30,17 @@ from ledger.http.schemas import (
     format_timestamp,
 )
 from ledger.integrity import Keyring
-from ledger.service import audit, checkpoints
+from ledger.service import audit, checkpoints, metadata
 from ledger.service.replica import ReadRouter, ReadTarget, Routed
 
 T = TypeVar("T")
 
 CurrencyFilter = Annotated[str | None, QueryParameter(description="Only this currency", pattern=r"^[A-Z]{3}$")]
 AsOf = Annotated[str | None, QueryParameter(description="RFC 3339; default now", format="date-time")]
+RequiredCurrency = Annotated[str, QueryParameter(description="The accounts' currency", pattern=r"^[A-Z]{3}$")]
+PastAsOf = Annotated[
+    str | None, QueryParameter(description="RFC 3339, not later than now; default now", format="date-time")
+]
 
 
 def report_out(report: audit.AuditReport) -> AuditReportOut:
@@ -181,5 +188,38 @@ class AuditController(Controller):
         out = TrialBalanceOut(
             as_of=format_timestamp(taken_at),
             balances=[CurrencyBalanceOut(t.currency, t.debits, t.credits, t.difference) for t in totals],
+        )
+        return Response(out, headers=routed.headers)
+
+    @get(
+        "/v1/balances/aggregate",
+        operation_id="getAggregateBalance",
+        opt=READ,
+        responses=documented(*READ_PROBLEMS),
+    )
+    async def aggregate_balance(
+        self, request: Request, state: State, currency: RequiredCurrency, as_of: PastAsOf = None
+    ) -> Response[AggregateBalanceOut]:
+        """Balances summed over the accounts of one currency whose metadata holds every
+        `metadata[KEY]=VALUE` pair (all accounts of the currency without any), now or as of
+        an instant, from one consistent snapshot. Which accounts match is decided by their
+        metadata now, also with `as_of`."""
+        if not CURRENCY_RE.fullmatch(currency):
+            raise InvalidRequest(
+                "`currency` must be three upper-case letters", [{"field": "currency", "message": "^[A-Z]{3}$"}]
+            )
+        moment, pairs = _timestamp("as_of", as_of), metadata_filter(request)
+        routed = await state.reads.read(
+            lambda target: metadata.aggregate_balances(target.engine, currency, pairs, moment)
+        )
+        total = routed.value
+        out = AggregateBalanceOut(
+            currency=total.currency,
+            accounts=total.accounts,
+            posted=total.posted,
+            pending_debits=total.pending_debits,
+            pending_credits=total.pending_credits,
+            available=total.available,
+            as_of=format_timestamp(total.as_of),
         )
         return Response(out, headers=routed.headers)

@@ -55,6 +55,9 @@ def _account(**changes: Any) -> dict[str, Any]:
         "created_at": CREATED_AT,
         "balance": {"posted": 0, "pending_debits": 0, "pending_credits": 0, "available": 0},
         "entries_count": 0,
+        "status": "open",
+        "overdraft_limit": None,
+        "max_balance": None,
         **changes,
     }
 
@@ -76,6 +79,7 @@ def _transfer(**changes: Any) -> dict[str, Any]:
         "metadata": {},
         "created_at": CREATED_AT,
         "updated_at": UPDATED_AT,
+        "imported_at": None,
         **changes,
     }
 
@@ -150,8 +154,73 @@ OPERATIONS: dict[str, OperationDoc] = {
     ),
     "listAccounts": OperationDoc(
         summary="List accounts",
-        description=f"Accounts ordered by id, optionally of one `currency`. {PAGINATION}\n\n{REPLICA}",
+        description=(
+            "Accounts ordered by id, optionally of one `currency`, and with `metadata[KEY]=VALUE` only those whose "
+            f"metadata holds every pair (`metadata[tier]=gold&metadata[region]=eu`). {PAGINATION}\n\n{REPLICA}"
+        ),
         responses={200: {"a page": {"data": [_account()], "next_cursor": None}}},
+    ),
+    "updateAccount": OperationDoc(
+        summary="Change an account's status, limits, name or metadata",
+        description=(
+            "Admin only. Only the fields sent change: `status` (`open`, `frozen`, `closed`), `overdraft_limit` and "
+            "`max_balance` (`null` removes the limit), `name` (`null` clears it), `metadata` (replaced whole). The "
+            "change is made under the account's lock, so every transfer is decided wholly before or wholly after "
+            "it, and is kept in the account's history (`GET /v1/accounts/{id}/changes`) and the event feed "
+            "(`account.changed`). Sending the values the account already has changes nothing (a retry is safe).\n\n"
+            "A frozen account neither sends nor receives (transfers touching it are refused with 422 "
+            "`account_frozen`, recorded); reservations made before the freeze may still be posted or voided. "
+            "Closing needs `posted == 0` and no reservation, and is final.\n\n"
+            "Problems: 400 `validation_error`, 404 `account_not_found`, 409 `account_not_empty` (closing an account "
+            "that holds money or reservations), 409 `account_closed` (any change of a closed account), 409 "
+            "`balance_outside_limits` (a limit the present balance already breaks)."
+        ),
+        requests={
+            "freeze": {"status": "frozen"},
+            "credit line": {"overdraft_limit": 50000},
+            "cap and rename": {"max_balance": 100000, "name": "Alice (wallet)"},
+            "close": {"status": "closed"},
+        },
+        responses={
+            200: {"frozen": _account(status="frozen")},
+            409: {
+                "not empty": _problem(
+                    409,
+                    "account_not_empty",
+                    "The account still holds money or reservations",
+                    "account 'acc_alice' holds 1250 posted, 0 pending debits and 0 pending credits: it can be "
+                    "closed only when all are 0",
+                )
+            },
+        },
+    ),
+    "listAccountChanges": OperationDoc(
+        summary="List an account's changes",
+        description=(
+            "Every change of the account's status, limits, name or metadata, oldest first: `sequence` (1, 2, 3...), "
+            "`changed_at`, `changed_by` (the id of the API key that made it, or `LEDGER_ADMIN_KEY`), `fields`, "
+            "their values `before` and `after`, and `hash`, the change's link in the account's keyed hash chain of "
+            f"changes, which `POST /v1/audit/verify` checks. {PAGINATION}\n\nProblems: 404 `account_not_found`."
+        ),
+        responses={
+            200: {
+                "a freeze": {
+                    "data": [
+                        {
+                            "account_id": "acc_alice",
+                            "sequence": 1,
+                            "changed_at": UPDATED_AT,
+                            "changed_by": "key_3f9a1c",
+                            "fields": ["status"],
+                            "before": {"status": "open"},
+                            "after": {"status": "frozen"},
+                            "hash": "9c1f" * 16,
+                        }
+                    ],
+                    "next_cursor": None,
+                }
+            }
+        },
     ),
     "getAccount": OperationDoc(
         summary="Get an account",
@@ -301,7 +370,8 @@ OPERATIONS: dict[str, OperationDoc] = {
         summary="List transfers",
         description=(
             "Transfers oldest first, rejected ones included; filter by `account_id` (debited or credited), "
-            f"`status` and time (`from`, `to`, inclusive). {PAGINATION}"
+            f"`status`, time (`from`, `to`, inclusive) and metadata (`metadata[KEY]=VALUE`, every pair must "
+            f"match). {PAGINATION}"
             f"\n\n{REPLICA}"
         ),
     ),
@@ -368,6 +438,33 @@ OPERATIONS: dict[str, OperationDoc] = {
             "difference, which is always 0. `as_of` (RFC 3339) reads the ledger as it was then."
             f"\n\n{REPLICA}"
         ),
+    ),
+    "getAggregateBalance": OperationDoc(
+        summary="Get balances summed over accounts",
+        description=(
+            "The balances of the accounts of one `currency` (required) whose metadata holds every "
+            "`metadata[KEY]=VALUE` pair (all accounts of the currency without a pair), summed from one consistent "
+            "snapshot: `accounts` counted, `posted`, `pending_debits`, `pending_credits`, `available = posted - "
+            "pending_debits`. Sums are JSON integers and may exceed 64 bits.\n\n"
+            "`as_of` (RFC 3339, not in the future) sums each account's posted balance after its last entry at or "
+            "before it, and the reservations alive then; which accounts match is decided by their metadata now, and "
+            "`accounts` counts those that existed then.\n\nProblems: 400 `validation_error` (no currency, a "
+            "malformed metadata filter, an `as_of` in the future)."
+            f"\n\n{REPLICA}"
+        ),
+        responses={
+            200: {
+                "gold-tier customers": {
+                    "currency": "EUR",
+                    "accounts": 1250,
+                    "posted": 18250000,
+                    "pending_debits": 42000,
+                    "pending_credits": 0,
+                    "available": 18208000,
+                    "as_of": CREATED_AT,
+                }
+            }
+        },
     ),
     "verifyJournal": OperationDoc(
         summary="Verify the journal",

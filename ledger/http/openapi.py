@@ -46,6 +46,7 @@ from ledger.domain import MAX_AMOUNT
 from ledger.http import schemas
 from ledger.http.auth import ROLES
 from ledger.http.docs_operations import OPERATIONS
+from ledger.http.metadata import describe_metadata_filters
 from ledger.http.schemas import NO_NUL
 
 # Bodies whose fields are all optional: still required, because every POST must say
@@ -96,6 +97,7 @@ def complete_openapi(app: Litestar) -> None:
         operation = getattr((document.paths or {}).get(path), method, None)
         if operation is not None and operation.request_body is not None:
             operation.request_body.required = True
+    describe_metadata_filters(document)
     _describe_operations(app, document)
 
 

@@ -74,7 +74,9 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
 # a bound of 0 (falsy), which would publish negative limits as schema-valid.
 Limit = Annotated[
     int,
-    msgspec.Meta(gt=-1, le=MAX_AMOUNT, description="Minor units, a JSON integer >= 0; null: no limit", examples=[50000]),
+    msgspec.Meta(
+        gt=-1, le=MAX_AMOUNT, description="Minor units, a JSON integer >= 0; null: no limit", examples=[50000]
+    ),
 ]
 
 
@@ -194,9 +196,9 @@ class AccountUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     or the name; `metadata` replaces the whole map. Closing is final."""
 
     status: Literal["open", "frozen", "closed"] | msgspec.UnsetType = msgspec.UNSET
-    overdraft_limit: Limit | None | msgspec.UnsetType = msgspec.UNSET
-    max_balance: Limit | None | msgspec.UnsetType = msgspec.UNSET
-    name: Name | None | msgspec.UnsetType = msgspec.UNSET
+    overdraft_limit: Limit | msgspec.UnsetType | None = msgspec.UNSET
+    max_balance: Limit | msgspec.UnsetType | None = msgspec.UNSET
+    name: Name | msgspec.UnsetType | None = msgspec.UNSET
     metadata: Metadata | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
@@ -207,9 +209,7 @@ class AccountUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def changes(self) -> dict[str, object]:
         return {
-            field: getattr(self, field)
-            for field in self.__struct_fields__
-            if getattr(self, field) is not msgspec.UNSET
+            field: getattr(self, field) for field in self.__struct_fields__ if getattr(self, field) is not msgspec.UNSET
         }
 
 

@@ -59,9 +59,7 @@ INSERT_CHANGE = text(
             CAST(:state AS jsonb), :hash, :key_id)
     """
 )
-LAST_CHANGE = text(
-    "SELECT sequence, hash FROM account_changes WHERE account_id = :id ORDER BY sequence DESC LIMIT 1"
-)
+LAST_CHANGE = text("SELECT sequence, hash FROM account_changes WHERE account_id = :id ORDER BY sequence DESC LIMIT 1")
 CREATION = text("SELECT after FROM account_changes WHERE account_id = :id AND sequence = 0")
 UPDATE_ACCOUNT = text(
     """

@@ -375,22 +375,22 @@ class _Walk:
                     account_id, None, "change_hash_mismatch",
                     f"change {sequence} does not match its content and its predecessor under key {row.key_id!r}",
                 )  # fmt: skip
-            for field, value in row.before.items():
-                if field in known and known[field] != value:
+            for name, value in row.before.items():
+                if name in known and known[name] != value:
                     report.add(
                         account_id, None, "change_history_mismatch",
-                        f"change {sequence} says {field} was {value!r}, the change before set {known[field]!r}",
+                        f"change {sequence} says {name} was {value!r}, the change before set {known[name]!r}",
                     )  # fmt: skip
             for side in (row.before, row.after):
                 if side.get("overdraft_limit") is not None:
                     limits.add(side["overdraft_limit"])
             known.update(row.after)
             previous, expected = bytes(row.hash), sequence + 1
-        for field, value in known.items():
-            if field in CONTROLS + ("name", "metadata") and account[field] != value:
+        for name, value in known.items():
+            if name in (*CONTROLS, "name", "metadata") and account[name] != value:
                 report.add(
                     account_id, None, "change_history_mismatch",
-                    f"the account's {field} is {account[field]!r}, its history of changes says {value!r}",
+                    f"the account's {name} is {account[name]!r}, its history of changes says {value!r}",
                 )  # fmt: skip
         return limits
 

@@ -20,6 +20,8 @@ history and metadata indexes.
 - `event_outbox.change_sequence` / `events.change_sequence`: an account event names the
   history row it renders (`account.created` row 0; null for events made before this
   revision, rendered from the account row as before).
+- `ix_transfers_pending_updated_at` (pending transfers only): reservations settled after
+  an instant, for balances summed `as_of` it.
 - GIN indexes (`jsonb_path_ops`) over non-empty metadata of accounts and transfers, for
   `metadata[KEY]=VALUE` filters (`metadata @> '{"KEY": "VALUE"}'`). Partial: rows without
   metadata (most transfers) add nothing to the index, so the write path pays only for the
@@ -41,13 +43,9 @@ depends_on = None
 
 SERVICE_ROLE = "ledger_service"
 OLD_BALANCE_CHECK = "allow_negative_balance OR credits_posted::numeric - debits_posted - pending_debits >= 0"
-BALANCE_CHECK = (
-    "allow_negative_balance OR credits_posted::numeric - debits_posted - pending_debits >= -COALESCE(overdraft_limit, 0)"
-)
+BALANCE_CHECK = "allow_negative_balance OR credits_posted::numeric - debits_posted - pending_debits >= -COALESCE(overdraft_limit, 0)"
 MAX_BALANCE_CHECK = "max_balance IS NULL OR credits_posted::numeric - debits_posted + pending_credits <= max_balance"
-CLOSED_CHECK = (
-    "status <> 'closed' OR (credits_posted = debits_posted AND pending_debits = 0 AND pending_credits = 0)"
-)
+CLOSED_CHECK = "status <> 'closed' OR (credits_posted = debits_posted AND pending_debits = 0 AND pending_credits = 0)"
 CHANGE_SEQUENCE_CHECK = (
     "(type <> 'account.changed' OR change_sequence IS NOT NULL) AND (type LIKE 'account.%' OR change_sequence IS NULL)"
 )
@@ -58,9 +56,7 @@ def upgrade() -> None:
     op.add_column("accounts", sa.Column("status", sa.Text(), server_default=sa.text("'open'"), nullable=False))
     op.add_column("accounts", sa.Column("overdraft_limit", sa.BigInteger(), nullable=True))
     op.add_column("accounts", sa.Column("max_balance", sa.BigInteger(), nullable=True))
-    op.create_check_constraint(
-        op.f("ck_accounts_status_known"), "accounts", "status IN ('open', 'frozen', 'closed')"
-    )
+    op.create_check_constraint(op.f("ck_accounts_status_known"), "accounts", "status IN ('open', 'frozen', 'closed')")
     op.create_check_constraint(
         op.f("ck_accounts_limits_not_negative"), "accounts", "overdraft_limit >= 0 AND max_balance >= 0"
     )
@@ -83,9 +79,7 @@ def upgrade() -> None:
         sa.Column("hash", sa.LargeBinary(), nullable=False),
         sa.Column("key_id", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("account_id", "sequence", name=op.f("pk_account_changes")),
-        sa.ForeignKeyConstraint(
-            ["account_id"], ["accounts.id"], name=op.f("fk_account_changes_account_id_accounts")
-        ),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_account_changes_account_id_accounts")),
         sa.CheckConstraint("sequence >= 0", name=op.f("ck_account_changes_sequence_not_negative")),
         sa.CheckConstraint("octet_length(hash) = 32", name=op.f("ck_account_changes_hash_length")),
         sa.CheckConstraint(
@@ -125,6 +119,12 @@ def upgrade() -> None:
             postgresql_where=sa.text(NON_EMPTY),
         )
 
+    # Balances as of an instant count the reservations alive then, among them those
+    # settled after it: found by when they were settled, among pending transfers only.
+    op.create_index(
+        "ix_transfers_pending_updated_at", "transfers", ["updated_at"], postgresql_where=sa.text("pending")
+    )
+
     op.execute(
         f"GRANT UPDATE (status, overdraft_limit, max_balance, name, metadata, seal, seal_key) ON accounts TO {SERVICE_ROLE}"
     )
@@ -137,6 +137,7 @@ def downgrade() -> None:
         f"REVOKE UPDATE (status, overdraft_limit, max_balance, name, metadata, seal, seal_key) ON accounts "
         f"FROM {SERVICE_ROLE}"
     )
+    op.drop_index("ix_transfers_pending_updated_at", table_name="transfers")
     for table in ("accounts", "transfers"):
         op.drop_index(f"ix_{table}_metadata", table_name=table)
     for table in ("event_outbox", "events"):

@@ -26,8 +26,8 @@ import msgspec
 import pytest
 
 from ledger.client import (
-    AccountChangeRefused,
     USER_AGENT,
+    AccountChangeRefused,
     AccountExistsWithDifferentFields,
     AccountNotFound,
     AsyncLedgerClient,
@@ -307,7 +307,7 @@ async def test_async_client_round_trips_and_iterates(server_url: str, uid: str) 
 def test_account_controls_round_trip(ledger: LedgerClient, uid: str) -> None:
     """Limits at opening, update_account (only the fields given; None removes a limit),
     the history, refusals as `Refused` and impossible changes as `AccountChangeRefused`."""
-    bank, alice, shop = open_funded(ledger, uid, funds=100)
+    _, alice, shop = open_funded(ledger, uid, funds=100)
     wallet = ledger.create_account("EUR", id=f"wallet-{uid}", max_balance=50, overdraft_limit=0)
     assert (wallet.status, wallet.max_balance, wallet.overdraft_limit) == ("open", 50, 0)
     with pytest.raises(Refused) as capped:

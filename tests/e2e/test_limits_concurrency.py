@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import datetime
 from collections import Counter
+from datetime import datetime
 
 import httpx
 import pytest
@@ -51,7 +51,9 @@ async def test_limits_and_a_freeze_hold_under_48_concurrent_clients(
             await connection.execute(text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"))
         ).scalar_one()
     limits = httpx.Limits(max_connections=CLIENTS + 4)
-    async with httpx.AsyncClient(base_url=server_url, headers=provision.API_HEADERS, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=server_url, headers=provision.API_HEADERS, timeout=60, limits=limits
+    ) as client:
         assert (await _post(client, "/v1/accounts", {"id": bank, "currency": "EUR",
                                                       "allow_negative_balance": True})).status_code == 201  # fmt: skip
         for line in lines:

@@ -350,7 +350,9 @@ def test_hostile_bodies_and_paths_are_4xx_and_change_nothing(server_url: str, ui
         status, _, body = raw_exchange(server_url, request("POST", path, b'{"id": "\xff\xfe"}'))
         assert status == 400 and json.loads(body)["code"] == "validation_error", (path, body)
     # The account controls' PATCH: bad UTF-8, a repeated key (which value would win?).
-    opened = raw_exchange(server_url, request("POST", "/v1/accounts", f'{{"id": "p-{uid}", "currency": "EUR"}}'.encode()))
+    opened = raw_exchange(
+        server_url, request("POST", "/v1/accounts", f'{{"id": "p-{uid}", "currency": "EUR"}}'.encode())
+    )
     assert opened[0] == 201
     for patch in (b'{"name": "\xff\xfe"}', b'{"status": "frozen", "status": "open"}', b'{"status": "frozen"'):
         status, _, body = raw_exchange(server_url, request("PATCH", f"/v1/accounts/p-{uid}", patch))

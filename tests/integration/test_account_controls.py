@@ -81,7 +81,12 @@ async def test_an_overdraft_limit_bounds_available_pending_included(client: Asyn
     hold = await transfer(client, f"hold-{uid}", line, shop, 60, pending=True)
     assert hold.status_code == 201
     assert (await transfer(client, f"ok-{uid}", line, shop, 40)).status_code == 201
-    assert await _balance(client, line) == {"posted": -40, "pending_debits": 60, "pending_credits": 0, "available": -100}
+    assert await _balance(client, line) == {
+        "posted": -40,
+        "pending_debits": 60,
+        "pending_credits": 0,
+        "available": -100,
+    }
     await _refused_and_replayed(client, f"over-{uid}", line, shop, 1, "insufficient_funds")
     assert (await _patch(client, line, overdraft_limit=500)).status_code == 200
     # The id keeps its outcome; a new id may use the new limit.
@@ -101,7 +106,12 @@ async def test_a_max_balance_bounds_posted_plus_pending_credits(client: AsyncTes
     assert wallet in body["detail"]
     assert (await client.post(f"/v1/transfers/res-{uid}/void", json={})).status_code == 200
     assert (await transfer(client, f"fill-{uid}", bank, wallet, 200)).status_code == 201
-    assert await _balance(client, wallet) == {"posted": 1000, "pending_debits": 0, "pending_credits": 0, "available": 1000}
+    assert await _balance(client, wallet) == {
+        "posted": 1000,
+        "pending_debits": 0,
+        "pending_credits": 0,
+        "available": 1000,
+    }
     # A reversal is a new transfer: it may not push its credit account past the cap.
     assert (await transfer(client, f"out-{uid}", wallet, bank, 300)).status_code == 201
     assert (await transfer(client, f"in2-{uid}", bank, wallet, 300)).status_code == 201
@@ -259,9 +269,7 @@ async def test_a_limit_the_balance_already_breaks_is_refused_and_changes_nothing
     await _verify(client)
 
 
-async def test_every_change_is_kept_with_its_key_and_before_and_after(
-    client: AsyncTestClient, uid: str
-) -> None:
+async def test_every_change_is_kept_with_its_key_and_before_and_after(client: AsyncTestClient, uid: str) -> None:
     alice = f"alice-{uid}"
     await _account(client, alice, name="Alice", metadata={"tier": "gold"})
     steps = [
@@ -276,7 +284,9 @@ async def test_every_change_is_kept_with_its_key_and_before_and_after(
         assert response.status_code == 200, response.text
     account = (await client.get(f"/v1/accounts/{alice}")).json()
     assert (account["name"], account["metadata"], account["status"]) == (
-        "Alice B.", {"tier": "platinum", "region": "eu"}, "open"
+        "Alice B.",
+        {"tier": "platinum", "region": "eu"},
+        "open",
     )
     assert (account["max_balance"], account["overdraft_limit"]) == (None, 0)
     pages: list[dict] = []
@@ -345,7 +355,9 @@ def _blind_decision(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def blind(request, accounts, now, key):  # type: ignore[no-untyped-def]
         believed = {
-            k: dataclasses.replace(a, status="open", overdraft_limit=None, max_balance=None, allow_negative_balance=True)
+            k: dataclasses.replace(
+                a, status="open", overdraft_limit=None, max_balance=None, allow_negative_balance=True
+            )
             for k, a in accounts.items()
         }
         plan = decide(request, believed, now, key)
@@ -394,9 +406,7 @@ def _at(days_ago: float) -> str:
     return (datetime.now(UTC) - timedelta(days=days_ago)).isoformat().replace("+00:00", "Z")
 
 
-async def test_imported_history_keeps_journals_in_time_order_and_as_of_exact(
-    client: AsyncTestClient, uid: str
-) -> None:
+async def test_imported_history_keeps_journals_in_time_order_and_as_of_exact(client: AsyncTestClient, uid: str) -> None:
     bank, alice, bob = f"bank-{uid}", f"alice-{uid}", f"bob-{uid}"
     await open_account(client, bank, negative=True)
     await _account(client, alice)

@@ -143,12 +143,15 @@ async def test_every_endpoint_against_every_credential(auth_client: AsyncTestCli
             "POST",
             lambda: "/v1/transfers",
             lambda: {
-                "id": fresh(), "debit_account_id": "m-user", "credit_account_id": "m-bank", "amount": 1,
+                "id": fresh(),
+                "debit_account_id": "m-user",
+                "credit_account_id": "m-bank",
+                "amount": 1,
                 "imported_at": "2020-01-01T00:00:00Z",
             },
             422,  # an admin may import; this one is older than m-user's journal: imported_at_out_of_order
             ("admin",),
-        ),  # fmt: skip
+        ),
         ("GET", lambda: "/v1/accounts", None, 200, reading),
         ("GET", lambda: "/v1/accounts/m-user", None, 200, reading),
         ("GET", lambda: "/v1/accounts/m-user/entries", None, 200, reading),

@@ -414,7 +414,9 @@ class LedgerMachine(RuleBasedStateMachine):
         model = self.accounts[account_id]
         stored = self.client.get(f"/v1/accounts/{account_id}").json()
         assert (stored["status"], stored["overdraft_limit"], stored["max_balance"]) == (
-            model.status, model.overdraft_limit, model.max_balance
+            model.status,
+            model.overdraft_limit,
+            model.max_balance,
         ), account_id
         balance = stored["balance"]
         assert balance == {

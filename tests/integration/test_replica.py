@@ -39,7 +39,7 @@ from tests.conftest import authorized, free_port, serving_process
 from tests.integration.helpers import open_account, transfer
 
 MAX_WAIT_MS = 300
-ROUTED = ("/v1/accounts", "/v1/transfers", "/v1/balances")
+ROUTED = ("/v1/accounts", "/v1/transfers", "/v1/balances", "/v1/balances/aggregate?currency=EUR")
 
 
 @dataclass
@@ -123,6 +123,7 @@ async def test_routed_endpoints_are_served_by_the_replica(client: AsyncTestClien
             f"/v1/accounts/{destination}/balance", params={"as_of": "2999-01-01T00:00:00Z"}
         ),
         "trial balance": await client.get("/v1/balances"),
+        "aggregate": await client.get("/v1/balances/aggregate", params={"currency": "EUR"}),
         "verification": await client.post("/v1/audit/verify", json={"account_id": destination}),
     }
     for name, response in reads.items():
@@ -131,6 +132,7 @@ async def test_routed_endpoints_are_served_by_the_replica(client: AsyncTestClien
         assert int(response.headers["ledger-replica-lag-ms"]) <= MAX_WAIT_MS, name
     assert marker in reads["accounts"].text and f"{uid}-t0" in reads["transfers"].text
     assert reads["balance as of"].json()["posted"] == 100
+    assert reads["aggregate"].json()["accounts"] >= 2 and reads["aggregate"].json()["posted"] == 0
     assert reads["csv"].text.count("\r\n") == 2 and reads["verification"].json()["ok"] is True
     # Not only the header: the replica's own log holds the queries of the reads.
     log = pair.standby_log()[before:]
