@@ -513,14 +513,17 @@ def test_a_revoked_key_stops_working_in_every_worker_within_5_s(
                 pids.add(next(line for line in client.get("/metrics").text.splitlines() if "process=" in line))
         revoked_at = time.monotonic()
         assert httpx.delete(f"{base_url}/v1/keys/{created['id']}", headers=provision.API_HEADERS).status_code == 200
-        # Fresh connections for 6 s: when was the revoked key last accepted?
+        # Fresh connections for 6.5 s: when was the revoked key last accepted? (By time,
+        # not by count: on a slow machine a request can take 0.4 s.)
         last_accepted, answers = revoked_at, []
-        while time.monotonic() - revoked_at < 6:
+        while time.monotonic() - revoked_at < 6.5:
             with httpx.Client(base_url=base_url, headers=key) as client:
                 status = client.get("/v1/accounts").status_code
-            answers.append(status)
+            answers.append((time.monotonic() - revoked_at, status))
             if status == 200:
                 last_accepted = time.monotonic()
-        assert set(answers[-20:]) == {401} and set(answers) <= {200, 401}
+        late = [status for after, status in answers if after >= 5]
+        assert late and set(late) == {401}, answers
+        assert {status for _, status in answers} <= {200, 401}
         assert last_accepted - revoked_at < 5, f"accepted {last_accepted - revoked_at:.2f} s after its revocation"
         print(f"\nthe revoked key was last accepted {last_accepted - revoked_at:.2f} s after its revocation")
