@@ -350,13 +350,18 @@ async def test_a_reservation_past_expiry_counts_as_released_before_the_sweeper_r
         assert (await transfer(own, f"{uid}-fund", f"{uid}-bank", f"{uid}-payer", 1_000)).status_code == 201
         held = await transfer(own, f"{uid}-hold", f"{uid}-payer", f"{uid}-payee", 400, pending=True, timeout_seconds=1)
         assert held.status_code == 201
-        await asyncio.sleep(1.2)
-        total = await aggregate(own, {"group": uid}, currency=currency)
-        listed = (await own.get(f"/v1/accounts?{query({'group': uid})}")).json()["data"]
-        async with engine.connect() as connection:
-            stored = await connection.scalar(
-                text("SELECT pending_debits FROM accounts WHERE id = :id"), {"id": f"{uid}-payer"}
-            )
+        # Other apps of the session sweep the same database: holding the reservation's row
+        # keeps their sweepers (FOR UPDATE SKIP LOCKED) off it while it is read.
+        async with engine.connect() as holder:
+            await holder.execute(text("SELECT 1 FROM transfers WHERE id = :id FOR UPDATE"), {"id": f"{uid}-hold"})
+            await asyncio.sleep(1.2)
+            total = await aggregate(own, {"group": uid}, currency=currency)
+            listed = (await own.get(f"/v1/accounts?{query({'group': uid})}")).json()["data"]
+            async with engine.connect() as connection:
+                stored = await connection.scalar(
+                    text("SELECT pending_debits FROM accounts WHERE id = :id"), {"id": f"{uid}-payer"}
+                )
+            await holder.rollback()
     assert stored == 400, "the reservation was released: the lazy path was not exercised"
     assert sum(a["balance"]["pending_debits"] for a in listed) == 0
     assert (total["pending_debits"], total["pending_credits"], total["available"]) == (0, 0, 1_000), total
