@@ -121,9 +121,7 @@ def upgrade() -> None:
 
     # Balances as of an instant count the reservations alive then, among them those
     # settled after it: found by when they were settled, among pending transfers only.
-    op.create_index(
-        "ix_transfers_pending_updated_at", "transfers", ["updated_at"], postgresql_where=sa.text("pending")
-    )
+    op.create_index("ix_transfers_pending_updated_at", "transfers", ["updated_at"], postgresql_where=sa.text("pending"))
 
     op.execute(
         f"GRANT UPDATE (status, overdraft_limit, max_balance, name, metadata, seal, seal_key) ON accounts TO {SERVICE_ROLE}"

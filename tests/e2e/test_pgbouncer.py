@@ -42,7 +42,13 @@ pytestmark = pytest.mark.slow
 SERVER_POOL = 4
 # What the service sends as session settings without LEDGER_DATABASE_POOLER (PgBouncer
 # refuses them unless told to ignore them, which the teeth test does).
-SESSION_SETTINGS = ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout", "plan_cache_mode", "jit")
+SESSION_SETTINGS = (
+    "lock_timeout",
+    "statement_timeout",
+    "idle_in_transaction_session_timeout",
+    "plan_cache_mode",
+    "jit",
+)
 
 
 def _require_pgbouncer() -> None:
