@@ -221,24 +221,10 @@ def create_listen_engine(settings: Settings) -> AsyncEngine | None:
 
 @contextlib.asynccontextmanager
 async def listen_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    """The listen engine's connection, as asyncpg's (for add_listener).
-
-    A connection that failed or whose server went away (the feed waits for exactly that)
-    is torn down and dropped, not handed back to the pool: the pool would reset it, and
-    asyncpg refuses any operation on a connection still consuming a failed one ("cannot
-    switch to state ...; another operation is in progress"), which is logged like a
-    connection reused in doubt (seen after pg_terminate_backend, loadtest.faults)."""
+    """The listen engine's connection, as asyncpg's (for add_listener)."""
     async with engine.connect() as connection:
         raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
-        failed = True
-        try:
-            yield driver
-            failed = driver.is_closed()
-        finally:
-            if failed:
-                driver.terminate()
-                await connection.invalidate()
+        yield raw.driver_connection
 
 
 def create_replica_engine(settings: Settings) -> AsyncEngine | None:
