@@ -23,8 +23,21 @@ from ledger.database import create_engine
 from ledger.http.app import create_app
 from ledger.settings import Settings
 from tests import provision
+from tests.watchdog import Watchdog
 
 REPOSITORY = Path(__file__).resolve().parent.parent
+WATCHDOG = Watchdog()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """A hung test stops the run with every stack printed (tests/watchdog.py)."""
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    timer = WATCHDOG.start(item.nodeid, capture.global_and_fixture_disabled if capture is not None else None)
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture(scope="session")
