@@ -205,26 +205,46 @@ def create_audit_engine(settings: Settings, url: str | None = None) -> AsyncEngi
     return create_engine(settings, url, pool_size=settings.audit_pool_size, max_overflow=0, pre_ping=True)
 
 
-def create_listen_engine(settings: Settings) -> AsyncEngine | None:
-    """The one connection the event feed LISTENs on (ledger.service.events). LISTEN is
-    session state: through a pooler in transaction mode it would be lost, so there the
-    feed needs `LEDGER_EVENTS_LISTEN_DATABASE_URL` (a direct URL), or does without (its
-    tick wakes long-polls)."""
+@dataclass(frozen=True)
+class ListenTarget:
+    """Where and how the event feed opens the one connection it LISTENs on
+    (ledger.service.events). LISTEN is session state: through a pooler in transaction mode
+    it would be lost, so there the feed needs `LEDGER_EVENTS_LISTEN_DATABASE_URL` (a
+    direct URL), or does without (its tick wakes long-polls)."""
+
+    dsn: str
+    arguments: dict[str, Any]
+
+
+LISTEN_APPLICATION_NAME = "ledger-events"
+
+
+def listen_target(settings: Settings) -> ListenTarget | None:
     url = settings.events_listen_database_url
     if url is None and settings.database_pooler == "none":
         url = settings.database_url
     if not url:
         return None
-    direct = replace(settings, database_pooler="none")
-    return create_engine(direct, url, pool_size=1, max_overflow=0, pre_ping=True)
+    # asyncpg takes libpq's form itself, multi-host failover lists included.
+    arguments = driver_arguments(replace(settings, database_pooler="none"))
+    # Named apart from the pool's sessions in pg_stat_activity: an idle session that lives
+    # as long as the process, which an operator should not take for a leak.
+    arguments["server_settings"] = {**arguments["server_settings"], "application_name": LISTEN_APPLICATION_NAME}
+    return ListenTarget(libpq_url(url), arguments)
 
 
 @contextlib.asynccontextmanager
-async def listen_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    """The listen engine's connection, as asyncpg's (for add_listener)."""
-    async with engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        yield raw.driver_connection
+async def listen_connection(target: ListenTarget) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of its own, outside any pool. It is never reused: at the end, lost or
+    not, it is terminated (the socket closed, no goodbye awaited). Returning it to a pool
+    after its session was terminated made the pool's reset run on a dead protocol and log
+    asyncpg's "cannot switch to state"; a graceful close waits on a server that may be
+    gone. Its session state, the LISTEN, dies with it either way."""
+    connection = await asyncpg.connect(target.dsn, **target.arguments)
+    try:
+        yield connection
+    finally:
+        connection.terminate()
 
 
 def create_replica_engine(settings: Settings) -> AsyncEngine | None:

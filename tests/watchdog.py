@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import ContextManager
+from contextlib import AbstractContextManager as ContextManager
 
 HANG_SECONDS = float(os.environ.get("LEDGER_TEST_HANG_SECONDS", "900"))
 EXIT_AFTER_INTERRUPT_SECONDS = 120.0

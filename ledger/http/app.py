@@ -21,9 +21,9 @@ from ledger import __version__
 from ledger.database import (
     create_audit_engine,
     create_engine,
-    create_listen_engine,
     create_replica_engine,
     listen_connection,
+    listen_target,
 )
 from ledger.http.audit import AuditController, Verifications, verify_routed
 from ledger.http.auth import ROLES, authenticate
@@ -99,12 +99,12 @@ def create_app(
         # Reads, the event sequencer and webhook deliveries: on the same pool as writes,
         # but finishing one does not wake the sequencer.
         readers = UnitOfWork(engine.connect, settings, on_retry=metrics.retry)
-        listen_engine = create_listen_engine(settings)
+        listen = listen_target(settings)
         feed = EventFeed(
             readers,
             tick_seconds=settings.events_tick_seconds,
             retention=timedelta(days=settings.events_retention_days) if settings.events_retention_days else None,
-            listen=(lambda: listen_connection(listen_engine)) if listen_engine is not None else None,
+            listen=(lambda: listen_connection(listen)) if listen is not None else None,
             on_move=metrics.events_moved,
         )
         app.state.events = feed
@@ -197,8 +197,6 @@ def create_app(
             await groups.close()
             await engine.dispose()
             await audit_engine.dispose()
-            if listen_engine is not None:
-                await listen_engine.dispose()
             if replica_engine is not None:
                 await replica_engine.dispose()
 

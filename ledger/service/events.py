@@ -107,6 +107,10 @@ WHERE id = 1 AND EXISTS (SELECT FROM gone)
 RETURNING pruned_through
 """
 
+# What an account event shows as it was then (from its history row's `state`), and what
+# an account had just after opening.
+_OPENING_ZEROS = ("debits_posted", "credits_posted", "pending_debits", "pending_credits", "entries_count")
+_ACCOUNT_STATE = ("name", "metadata", "status", "overdraft_limit", "max_balance", *_OPENING_ZEROS)
 _TRANSFER = [column.key for column in STORED_TRANSFER_COLUMNS]
 _ACCOUNT = [
     "id", "currency", "name", "allow_negative_balance", "metadata", "created_at", "status", "overdraft_limit",
@@ -209,44 +213,28 @@ def _event(row: dict[str, Any]) -> EventRecord:
             reversed_amount=0,
         )
         transfer = TransferRecord(**stored)
-    elif row["c_state"] is not None:
-        # The account right after the change, as its history row keeps it (row 0 for its
-        # creation): later changes of name, metadata, status or limits do not show here.
-        state = row["c_state"]
-        account = AccountRecord(
-            id=row["a_id"],
-            currency=row["a_currency"],
-            name=state["name"],
-            allow_negative_balance=row["a_allow_negative_balance"],
-            metadata=state["metadata"],
-            created_at=_timestamp(row["a_created_at"]),
-            debits_posted=state["debits_posted"],
-            credits_posted=state["credits_posted"],
-            pending_debits=state["pending_debits"],
-            pending_credits=state["pending_credits"],
-            entries_count=state["entries_count"],
-            status=state["status"],
-            overdraft_limit=state["overdraft_limit"],
-            max_balance=state["max_balance"],
-        )
     else:
-        # An account.created event written before revision 0008 (no history row): the
-        # account as opened, from its row.
+        if row["c_state"] is not None:
+            # The account right after the change, as its history row keeps it (row 0 for
+            # its creation): later changes of name, metadata, status or limits do not show.
+            state = row["c_state"]
+        else:
+            # An account.created event written before revision 0008 (no history row): the
+            # account as opened, from its row.
+            state = {
+                "name": row["a_name"],
+                "metadata": row["a_metadata"],
+                "status": row["a_status"],
+                "overdraft_limit": row["a_overdraft_limit"],
+                "max_balance": row["a_max_balance"],
+                **dict.fromkeys(_OPENING_ZEROS, 0),
+            }
         account = AccountRecord(
             id=row["a_id"],
             currency=row["a_currency"],
-            name=row["a_name"],
             allow_negative_balance=row["a_allow_negative_balance"],
-            metadata=row["a_metadata"],
             created_at=_timestamp(row["a_created_at"]),
-            debits_posted=0,
-            credits_posted=0,
-            pending_debits=0,
-            pending_credits=0,
-            entries_count=0,
-            status=row["a_status"],
-            overdraft_limit=row["a_overdraft_limit"],
-            max_balance=row["a_max_balance"],
+            **{name: state[name] for name in _ACCOUNT_STATE},
         )
     return EventRecord(row["position"], kind, at, transfer, account)
 
