@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import migrate
 from ledger.http.app import create_app
@@ -124,6 +126,33 @@ async def test_account_changes_are_events_with_the_account_as_it_was_then(client
     assert events[1]["data"]["balance"]["posted"] == 200 and events[1]["data"]["status"] == "frozen"
     now = (await client.get(f"/v1/accounts/{alice}")).json()
     assert events[2]["data"] == now and now["metadata"] == {"k": "v"} and now["max_balance"] is None
+
+
+async def test_an_account_event_written_before_account_histories_shows_the_account_as_opened(
+    client: AsyncTestClient, engine: AsyncEngine, uid: str
+) -> None:
+    """`account.created` events written before revision 0008 point at no history row
+    (`change_sequence` is null): they render the account as opened from its row (zero
+    balances, its status and limits, which nothing could change before 0008), the same
+    object a history row gives."""
+    start = await head(client)
+    account = f"legacy-{uid}"
+    created = await client.post(
+        "/v1/accounts",
+        json={"id": account, "currency": "EUR", "name": "Old", "metadata": {"k": "v"}, "max_balance": 900},
+    )
+    assert created.status_code == 201
+    [event] = [e for e in await settled(client, start, uid, 1) if e["data"]["id"] == account]
+    assert event["data"] == created.json()
+    async with engine.begin() as connection:
+        changed = await connection.execute(
+            text("UPDATE events SET change_sequence = NULL WHERE account_id = :a AND type = 'account.created'"),
+            {"a": account},
+        )
+        assert changed.rowcount == 1
+    response = await client.get("/v1/events", params={"after": start, "account_id": account})
+    [legacy] = response.json()["data"]
+    assert legacy == event
 
 
 async def test_filters_by_type_and_account_and_resumes_from_an_event_id(client: AsyncTestClient, uid: str) -> None:
