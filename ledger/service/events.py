@@ -336,8 +336,12 @@ class EventFeed:
         """Until the feed is known to pass `position`, or `seconds` have passed."""
         if self.last_position > position:
             return
+        # asyncio.timeout, not wait_for: 3.11's wait_for runs the wait as a task of its own
+        # and, cancelled, waits for that task to end; a shutdown was seen waiting on it for
+        # good (3.12 rebuilt wait_for on asyncio.timeout for such races).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._advanced.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._advanced.wait()
 
     async def page(
         self, after: int | None, limit: int, *, types: list[str] | None = None, account_id: str | None = None
@@ -419,7 +423,8 @@ class EventFeed:
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._tick)
+                    async with asyncio.timeout(self._tick):  # not wait_for: see wait_beyond
+                        await self._wake.wait()
                 pause = last_move + MOVE_INTERVAL_SECONDS - loop.time()
                 if pause > 0:
                     await asyncio.sleep(pause)

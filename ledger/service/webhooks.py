@@ -533,9 +533,12 @@ class Webhooks:
                         asyncio.create_task(self._feed.wait_beyond(seen, tick)),
                         asyncio.create_task(self._slot_freed.wait()),
                     ]
-                    await asyncio.wait(waits, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
-                    for wait in waits:
-                        wait.cancel()
+                    try:
+                        await asyncio.wait(waits, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        # Also when this loop is cancelled (shutdown): no waiter outlives it.
+                        for wait in waits:
+                            wait.cancel()
                     # Under a busy feed, gather a few moves per pass.
                     await asyncio.sleep(0.01)
         finally:
