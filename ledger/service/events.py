@@ -336,9 +336,10 @@ class EventFeed:
         """Until the feed is known to pass `position`, or `seconds` have passed."""
         if self.last_position > position:
             return
-        # asyncio.timeout, not wait_for: 3.11's wait_for runs the wait as a task of its own
-        # and, cancelled, waits for that task to end; a shutdown was seen waiting on it for
-        # good (3.12 rebuilt wait_for on asyncio.timeout for such races).
+        # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that arrives
+        # as the awaited wait completes. The sequencer, woken by a poke in the same instant
+        # a shutdown cancelled it, looped on, and the shutdown waited for it for good (3.12
+        # rebuilt wait_for on asyncio.timeout; tests/unit/test_background_shutdown.py).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._advanced.wait()
