@@ -64,6 +64,18 @@ async def post_until_answered(
     return None
 
 
+async def post_retrying(client: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
+    """POST, retried with the same body (the same id) on 503, as a payment service does: a
+    503 means nothing was done (overloaded, a lock held too long). For tests that check
+    the answers themselves; `post_until_answered` also counts retries and transport errors."""
+    for _ in range(50):
+        response = await client.post(path, json=body)
+        if response.status_code != 503:
+            return response
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} stayed unavailable")
+
+
 def batch_answer(result: dict) -> Answer:
     """A batch item's result as the answer a single request would have had."""
     transfer = result.get("transfer") or {}

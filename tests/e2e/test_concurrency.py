@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests import provision
-from tests.scenario import find_violations, run_bank_scenario
+from tests.scenario import find_violations, post_retrying, run_bank_scenario
 
 pytestmark = pytest.mark.slow
 
@@ -128,26 +128,16 @@ async def test_concurrent_withdrawals_beyond_the_balance_never_overdraw(server_u
             assert again.content == first.content
 
 
-async def _decide(client: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
-    """As a payment service does: a 503 (overloaded, a lock held too long; nothing was
-    done) is retried with the same request, so that every racer ends with a decision
-    (200) or the reason it lost (409). A slow machine behind PgBouncer's 4 server
-    connections can make some of 240 simultaneous decisions wait past the pool timeout."""
-    for _ in range(20):
-        response = await client.post(path, json=body)
-        if response.status_code != 503:
-            return response
-        await asyncio.sleep(0.1)
-    return response
-
-
 async def _decision_race(client: httpx.AsyncClient, transfer_id: str) -> list[httpx.Response]:
+    # Racers retry a 503 (nothing done), so that each ends with a decision (200) or the
+    # reason it lost (409): on a slow machine behind PgBouncer's 4 server connections some
+    # of 240 simultaneous decisions can wait past the pool timeout.
     requests = []
     for i in range(30):
         if i % 3 == 0:
-            requests.append(_decide(client, f"/v1/transfers/{transfer_id}/void", {}))
+            requests.append(post_retrying(client, f"/v1/transfers/{transfer_id}/void", {}))
         else:
-            requests.append(_decide(client, f"/v1/transfers/{transfer_id}/post", {"amount": 40 + i % 2 * 10}))
+            requests.append(post_retrying(client, f"/v1/transfers/{transfer_id}/post", {"amount": 40 + i % 2 * 10}))
     return list(await asyncio.gather(*requests))
 
 

@@ -14,21 +14,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests import provision
+from tests.scenario import post_retrying
 
 pytestmark = pytest.mark.slow
 
 CLIENTS = 48
 TRANSFERS_PER_CLIENT = 40
-
-
-async def _post(client: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
-    """POST, retried with the same body (the same id) on 503, as a payment service does."""
-    for _ in range(50):
-        response = await client.post(path, json=body)
-        if response.status_code != 503:
-            return response
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{path} stayed unavailable")
 
 
 async def test_limits_and_a_freeze_hold_under_48_concurrent_clients(
@@ -53,13 +44,13 @@ async def test_limits_and_a_freeze_hold_under_48_concurrent_clients(
     async with httpx.AsyncClient(
         base_url=server_url, headers=provision.API_HEADERS, timeout=60, limits=limits
     ) as client:
-        assert (await _post(client, "/v1/accounts", {"id": bank, "currency": "EUR",
+        assert (await post_retrying(client, "/v1/accounts", {"id": bank, "currency": "EUR",
                                                       "allow_negative_balance": True})).status_code == 201  # fmt: skip
         for line in lines:
-            assert (await _post(client, "/v1/accounts", {"id": line, "currency": "EUR",
+            assert (await post_retrying(client, "/v1/accounts", {"id": line, "currency": "EUR",
                                                           "overdraft_limit": 500})).status_code == 201  # fmt: skip
         for wallet in wallets:
-            assert (await _post(client, "/v1/accounts", {"id": wallet, "currency": "EUR",
+            assert (await post_retrying(client, "/v1/accounts", {"id": wallet, "currency": "EUR",
                                                           "max_balance": 1000})).status_code == 201  # fmt: skip
         everyone = [bank, *lines, *wallets]
         answers: dict[str, tuple[int, str | None]] = {}
@@ -81,7 +72,7 @@ async def test_limits_and_a_freeze_hold_under_48_concurrent_clients(
                     ]  # fmt: skip
                     if items[0]["debit_account_id"] == via:
                         continue
-                    response = await _post(client, "/v1/transfers/batch", {"transfers": items})
+                    response = await post_retrying(client, "/v1/transfers/batch", {"transfers": items})
                     assert response.status_code == 200, response.text
                     for result in response.json()["results"]:
                         answers[result["id"]] = (201 if result["status"] == "created" else 422, result.get("code"))
@@ -89,12 +80,12 @@ async def test_limits_and_a_freeze_hold_under_48_concurrent_clients(
                 transfer_id = f"c{n}-{i}-{uid}"
                 body = {"id": transfer_id, "debit_account_id": debit, "credit_account_id": credit, "amount": amount,
                         "pending": kind > 0.85}  # fmt: skip
-                response = await _post(client, "/v1/transfers", body)
+                response = await post_retrying(client, "/v1/transfers", body)
                 assert response.status_code in (201, 422), response.text
                 answers[transfer_id] = (response.status_code, response.json().get("code"))
                 if response.status_code == 201 and body["pending"] and rng.random() < 0.5:
                     decision = "post" if rng.random() < 0.5 else "void"
-                    decided = await _post(client, f"/v1/transfers/{transfer_id}/{decision}", {})
+                    decided = await post_retrying(client, f"/v1/transfers/{transfer_id}/{decision}", {})
                     assert decided.status_code == 200, decided.text
 
         async def freezer() -> None:
